@@ -35,5 +35,13 @@ def subdir(name: str) -> Path:
     return path
 
 
+def models_dir() -> Path:
+    """Converted model caches; MODELS_DIR lets tests share one cache across throwaway data dirs."""
+    env = os.environ.get("MODELS_DIR")
+    path = Path(env) if env else data_dir() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def db_path() -> Path:
     return data_dir() / "app.duckdb"
