@@ -1,0 +1,253 @@
+"""Background jobs: progress, ETA, cancel, resume, and a record that outlives the browser page.
+
+A job is a row in the jobs table plus a folder (data dir /jobs/<id>/) holding its log. Two kinds:
+- thread jobs run inside the app process (evaluation: it shares the loaded models and the DuckDB
+  connection, and writes rows as it goes);
+- subprocess jobs run a command (fine-tuning: crash isolation, `accelerate launch`). The child never
+  opens the database (DuckDB allows one writer process); it prints `@@job {json}` lines that this
+  runner turns into progress updates and a result. `Reporter` is the child's side of that protocol.
+A job that was running when the app stopped is marked interrupted on the next start; `resume` runs it
+again with resume=True, and the job itself skips the work it already finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from core import config
+from core.store import Store, now
+
+PROTOCOL_PREFIX = "@@job "
+JOB_ENV = "LAB_JOB_ID"
+TERMINAL = ("done", "failed", "cancelled", "interrupted")
+
+
+class JobCancelled(Exception):
+    """Raised inside a thread job when the user asked to cancel it."""
+
+
+class JobError(ValueError):
+    """A user-facing problem with a job request (unknown id, wrong state)."""
+
+
+def job_dir(job_id: str) -> Path:
+    path = config.subdir("jobs") / job_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class _Progress:
+    """Turns fractions into throttled store updates with an ETA measured over this attempt."""
+
+    def __init__(self, store: Store, job_id: str, start_fraction: float):
+        self.store, self.job_id = store, job_id
+        self.t0, self.f0 = time.monotonic(), start_fraction
+        self.last_write = 0.0
+
+    def update(self, fraction: float, message: str = "") -> None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        t = time.monotonic()
+        if t - self.last_write < 0.25 and fraction < 1.0:
+            return
+        self.last_write = t
+        done = fraction - self.f0
+        eta = (t - self.t0) / done * (1.0 - fraction) if done > 1e-6 else None
+        self.store.update_job(self.job_id, progress=fraction, message=message, eta_seconds=eta)
+
+
+@dataclass
+class JobContext:
+    """What a thread job gets: report progress, log, and notice cancellation."""
+
+    job_id: str
+    spec: dict[str, Any]
+    resume: bool
+    _progress: _Progress
+    _cancel: threading.Event
+    log_path: Path
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.check_cancelled()
+        self._progress.update(fraction, message)
+
+    def log(self, line: str) -> None:
+        with self.log_path.open("a", encoding="utf-8") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise JobCancelled()
+
+
+ThreadFn = Callable[[JobContext], dict[str, Any] | None]
+ArgvFn = Callable[[dict[str, Any], bool], list[str]]
+
+
+@dataclass
+class JobKind:
+    """How to run one kind of job: exactly one of `thread` or `argv` is set."""
+
+    thread: ThreadFn | None = None
+    argv: ArgvFn | None = None
+
+
+class JobRunner:
+    def __init__(self, store: Store, kinds: dict[str, JobKind], max_concurrent: int = 1):
+        self.store, self.kinds = store, kinds
+        self._slots = threading.Semaphore(max_concurrent)
+        self._cancel: dict[str, threading.Event] = {}
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._threads: dict[str, threading.Thread] = {}
+        self.interrupted_on_start = store.mark_interrupted()
+
+    # -- public API -------------------------------------------------------------------------
+    def start(self, kind: str, spec: dict[str, Any]) -> str:
+        if kind not in self.kinds:
+            raise JobError(f"Unknown job kind '{kind}'. Known: {', '.join(sorted(self.kinds))}.")
+        job_id = self.store.create_job(kind, spec)
+        self._launch(job_id, kind, spec, resume=False)
+        return job_id
+
+    def resume(self, job_id: str) -> str:
+        job = self._job(job_id)
+        if job["status"] not in ("failed", "cancelled", "interrupted"):
+            raise JobError(f"Job {job_id} is {job['status']}; only a stopped job can be resumed.")
+        self.store.update_job(job_id, status="queued", error=None, finished_at=None,
+                              message="resuming")
+        self._launch(job_id, job["kind"], job["spec"], resume=True)
+        return job_id
+
+    def cancel(self, job_id: str) -> None:
+        job = self._job(job_id)
+        if job["status"] in TERMINAL:
+            raise JobError(f"Job {job_id} already ended ({job['status']}).")
+        self._cancel.setdefault(job_id, threading.Event()).set()
+        proc = self._procs.get(job_id)
+        if proc and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        thread = self._threads.get(job_id)
+        if thread:
+            thread.join(timeout)
+        return self._job(job_id)
+
+    def log_tail(self, job_id: str, lines: int = 40) -> str:
+        path = job_dir(job_id) / "log.txt"
+        if not path.exists():
+            return ""
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            return "".join(deque(fh, maxlen=lines))
+
+    # -- internals --------------------------------------------------------------------------
+    def _job(self, job_id: str) -> dict[str, Any]:
+        job = self.store.get_job(job_id)
+        if job is None:
+            raise JobError(f"No job with id '{job_id}'.")
+        return job
+
+    def _launch(self, job_id: str, kind: str, spec: dict[str, Any], resume: bool) -> None:
+        self._cancel[job_id] = threading.Event()
+        thread = threading.Thread(
+            target=self._run, args=(job_id, self.kinds[kind], spec, resume),
+            name=f"job-{job_id}", daemon=True,
+        )
+        self._threads[job_id] = thread
+        thread.start()
+
+    def _run(self, job_id: str, kind: JobKind, spec: dict[str, Any], resume: bool) -> None:
+        cancel = self._cancel[job_id]
+        with self._slots:
+            if cancel.is_set():
+                self._finish(job_id, "cancelled", message="cancelled before it started")
+                return
+            start_fraction = self._job(job_id)["progress"] if resume else 0.0
+            attempts = self._job(job_id)["attempts"] + 1
+            self.store.update_job(job_id, status="running", started_at=now(), attempts=attempts,
+                                  message="started")
+            progress = _Progress(self.store, job_id, start_fraction)
+            log_path = job_dir(job_id) / "log.txt"
+            try:
+                if kind.thread:
+                    ctx = JobContext(job_id, spec, resume, progress, cancel, log_path)
+                    result = kind.thread(ctx)
+                else:
+                    result = self._run_subprocess(job_id, kind.argv(spec, resume), progress,
+                                                  log_path)
+            except JobCancelled:
+                self._finish(job_id, "cancelled", message="cancelled by the user")
+            except Exception as exc:  # a job's failure is recorded, never lost in a thread
+                with log_path.open("a", encoding="utf-8") as fh:
+                    fh.write(traceback.format_exc())
+                status = "cancelled" if cancel.is_set() else "failed"
+                self._finish(job_id, status, error=str(exc) or type(exc).__name__)
+            else:
+                self._finish(job_id, "done", result=result or {}, progress=1.0, message="done")
+
+    def _run_subprocess(self, job_id: str, argv: list[str], progress: _Progress,
+                        log_path: Path) -> dict[str, Any]:
+        env = {**os.environ, JOB_ENV: job_id, "PYTHONUNBUFFERED": "1"}
+        result: dict[str, Any] = {}
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write(f"$ {' '.join(argv)}\n")
+            proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                cwd=config.REPO_DIR, start_new_session=True,
+            )
+            self._procs[job_id] = proc
+            for line in proc.stdout:
+                if line.startswith(PROTOCOL_PREFIX):
+                    event = json.loads(line[len(PROTOCOL_PREFIX):])
+                    if "result" in event:
+                        result = event["result"]
+                    else:
+                        progress.update(event["progress"], event.get("message", ""))
+                else:
+                    log.write(line)
+                    log.flush()
+            rc = proc.wait()
+        self._procs.pop(job_id, None)
+        if self._cancel[job_id].is_set():
+            raise JobCancelled()
+        if rc != 0:
+            raise RuntimeError(f"exited with code {rc}: {self.log_tail(job_id, 3).strip()}")
+        return result
+
+    def _finish(self, job_id: str, status: str, **fields: Any) -> None:
+        self.store.update_job(job_id, status=status, finished_at=now(), eta_seconds=None, **fields)
+
+
+class Reporter:
+    """The child's side of a subprocess job; prints plain progress when run by hand (CLI)."""
+
+    def __init__(self) -> None:
+        self.under_runner = JOB_ENV in os.environ
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        if self.under_runner:
+            self._emit({"progress": fraction, "message": message})
+        else:
+            print(f"[{fraction:6.1%}] {message}", flush=True)
+
+    def result(self, result: dict[str, Any]) -> None:
+        if self.under_runner:
+            self._emit({"result": result})
+
+    @staticmethod
+    def _emit(event: dict[str, Any]) -> None:
+        sys.stdout.write(PROTOCOL_PREFIX + json.dumps(event) + "\n")
+        sys.stdout.flush()
