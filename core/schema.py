@@ -38,3 +38,19 @@ def split_of(example_id: str, seed: int = 0, eval_fraction: float = 0.3) -> Spli
     digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
     bucket = int.from_bytes(digest[:8], "big") / 2**64
     return "eval" if bucket < eval_fraction else "train"
+
+
+class InputError(ValueError):
+    """A problem the user can fix (empty question, bad value); its message is shown as is."""
+
+
+def validate_question(question: str | None, max_chars: int) -> str:
+    text = (question or "").strip()
+    if not text:
+        raise InputError("Please type a question: it is empty.")
+    if len(text) > max_chars:
+        raise InputError(
+            f"The question is {len(text):,} characters long; the limit is {max_chars:,}. "
+            "Shorten it (or raise MAX_QUESTION_CHARS)."
+        )
+    return text

@@ -1,0 +1,32 @@
+"""Entry point (Hugging Face Spaces runs this file): build the tabs and launch."""
+from __future__ import annotations
+
+import gradio as gr
+
+from jobs.services import Services, build_services
+from ui import compare_tab, data_tab, jobs_panel
+
+TITLE = "Fine-tune or RAG? A lab for 'Fine-Tuning or Fine-Failing?'"
+INTRO = (
+    "Does fine-tuning your model on a few hundred QA pairs help or hurt its retrieval-augmented "
+    "answers? Barnett et al. (2024) found that LoRA fine-tuning on 200-1000 pairs of BioASQ, "
+    "Natural Questions and Qasper usually made RAG answers *worse* (judged by G-Eval). "
+    "Try it on your own model and data."
+)
+
+
+def build_app(services: Services) -> gr.Blocks:
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        with gr.Tab("Data"):
+            data_tab.build(services)
+        with gr.Tab("Compare"):
+            compare_tab.build(services)
+        with gr.Tab("Jobs"):
+            jobs_panel.build(services)
+    return demo
+
+
+if __name__ == "__main__":
+    # Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860).
+    build_app(build_services()).queue(default_concurrency_limit=8).launch()

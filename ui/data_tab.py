@@ -1,0 +1,83 @@
+"""Data tab: pick a preset sample, a hub dataset or an upload; see its size, split and a preview."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from core import datasets
+from jobs.services import EVAL_FRACTION, SPLIT_SEED, Services
+from ui.common import user_errors
+
+SOURCES = ["Shipped sample", "Preset from the Hub", "Any Hub dataset", "Upload a file"]
+
+
+def summary_markdown(ds: datasets.QADataset, dataset_id: str) -> str:
+    counts = ds.split_counts(SPLIT_SEED, EVAL_FRACTION)
+    skipped = getattr(ds, "skipped", 0)
+    lines = [
+        f"### {ds.name}",
+        f"`{dataset_id}` · **{len(ds.examples)}** QA examples · **{len(ds.corpus)}** passages",
+        f"Split (seeded hash of each id, seed {SPLIT_SEED}, {EVAL_FRACTION:.0%} eval): "
+        f"**{counts['train']}** train · **{counts['eval']}** eval. "
+        "Eval examples never enter a training set.",
+    ]
+    if skipped:
+        lines.append(f"{skipped} rows were skipped (empty question or answer).")
+    return "\n\n".join(lines)
+
+
+def build(services: Services) -> None:
+    gr.Markdown("Load the QA pairs and passages that fine-tuning, RAG and evaluation will use. "
+                "The shipped samples work offline; the presets load the study's datasets from "
+                "the Hugging Face Hub.")
+    with gr.Row():
+        source = gr.Radio(SOURCES, value=SOURCES[0], label="Source", scale=2)
+        preset = gr.Dropdown(
+            [(p.label, name) for name, p in datasets.PRESETS.items()], value="bioasq",
+            label="Preset", scale=1,
+        )
+    with gr.Row():
+        hub_id = gr.Textbox(label="Hub dataset id", placeholder="owner/name", scale=2)
+        hub_config = gr.Textbox(label="Config (optional)", scale=1)
+        hub_split = gr.Textbox(label="Split", value="train", scale=1)
+    upload = gr.File(label="Upload JSONL / CSV / Parquet",
+                     file_types=[".jsonl", ".json", ".csv", ".parquet"])
+    with gr.Accordion("Column mapping (hub datasets and uploads)", open=False):
+        with gr.Row():
+            col_q = gr.Textbox(value="question", label="Question column")
+            col_a = gr.Textbox(value="answer", label="Answer column")
+            col_c = gr.Textbox(value="", label="Contexts column (optional)")
+            col_id = gr.Textbox(value="", label="Id column (optional)")
+    load = gr.Button("Load dataset", variant="primary")
+    summary = gr.Markdown()
+    preview = gr.Dataframe(label="Preview (first 20 examples)", interactive=False, wrap=True)
+
+    @user_errors
+    def do_load(src, preset_name, hid, hconfig, hsplit, file, q, a, c, idc,
+                progress=gr.Progress()):
+        mapping = datasets.ColumnMapping(question=q.strip() or "question",
+                                         answer=a.strip() or "answer",
+                                         contexts=c.strip() or None, id=idc.strip() or None)
+        progress(0.1, desc="loading")
+        if src == SOURCES[0]:
+            ds = datasets.load_preset(preset_name, source="sample")
+        elif src == SOURCES[1]:
+            ds = datasets.load_preset(preset_name, source="hub")
+        elif src == SOURCES[2]:
+            if not (hid or "").strip():
+                raise ValueError("Type a Hub dataset id (owner/name) first.")
+            ds = datasets.load_hub(hid.strip(), mapping, config=hconfig.strip() or None,
+                                   split=hsplit.strip() or "train")
+        else:
+            if file is None:
+                raise ValueError("Choose a file to upload first.")
+            ds = datasets.load_upload(file if isinstance(file, str) else file.name, mapping)
+        progress(0.8, desc="saving to DuckDB")
+        dataset_id = services.add_dataset(ds)
+        return summary_markdown(ds, dataset_id), pd.DataFrame(ds.preview(20))
+
+    load.click(
+        do_load,
+        inputs=[source, preset, hub_id, hub_config, hub_split, upload, col_q, col_a, col_c, col_id],
+        outputs=[summary, preview], api_name="load_dataset",
+    )

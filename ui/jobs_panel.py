@@ -1,0 +1,67 @@
+"""Jobs panel: every background job with status, progress, ETA and log tail.
+
+Progress is read from the job records on a timer, not kept in the page, so a reload or a second
+browser shows the same state."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from jobs.services import Services
+from ui.common import fmt_seconds, user_errors
+
+COLUMNS = ["id", "kind", "status", "progress", "message", "eta", "attempts", "created", "error"]
+
+
+def jobs_table(services: Services) -> pd.DataFrame:
+    rows = [
+        {
+            "id": j["id"], "kind": j["kind"], "status": j["status"],
+            "progress": f"{j['progress']:.0%}", "message": j["message"] or "",
+            "eta": fmt_seconds(j["eta_seconds"]), "attempts": j["attempts"],
+            "created": f"{j['created_at']:%Y-%m-%d %H:%M:%S}", "error": j["error"] or "",
+        }
+        for j in services.store.list_jobs(limit=100)
+    ]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def build(services: Services) -> None:
+    gr.Markdown("Background work (model preparation, fine-tuning, evaluation) runs here. "
+                "Closing the browser does not stop a job; a job that was running when the app "
+                "stopped shows as *interrupted* and can be resumed.")
+    table = gr.Dataframe(value=lambda: jobs_table(services), label="Jobs", interactive=False,
+                         wrap=True)
+    with gr.Row():
+        job_id = gr.Textbox(label="Job id", placeholder="click a row or paste an id", scale=3)
+        refresh = gr.Button("Refresh", scale=1)
+        cancel = gr.Button("Cancel", variant="stop", scale=1)
+        resume = gr.Button("Resume", scale=1)
+    status = gr.Markdown()
+    log = gr.Code(label="Log tail", language=None, lines=12, interactive=False)
+
+    @user_errors
+    def show_log(jid: str) -> str:
+        return services.runner.log_tail(jid.strip(), lines=60) if jid.strip() else ""
+
+    @user_errors
+    def do_cancel(jid: str) -> tuple[pd.DataFrame, str]:
+        services.runner.cancel(jid.strip())
+        return jobs_table(services), f"Cancel requested for `{jid.strip()}`."
+
+    @user_errors
+    def do_resume(jid: str) -> tuple[pd.DataFrame, str]:
+        services.runner.resume(jid.strip())
+        return jobs_table(services), f"Resumed `{jid.strip()}`."
+
+    def pick(evt: gr.SelectData, df: pd.DataFrame) -> str:
+        return str(df.iloc[evt.index[0]]["id"])
+
+    timer = gr.Timer(2.0)
+    timer.tick(lambda: jobs_table(services), outputs=table, api_name=False, show_progress="hidden")
+    timer.tick(show_log, inputs=job_id, outputs=log, api_name=False, show_progress="hidden")
+    refresh.click(lambda: jobs_table(services), outputs=table, api_name="list_jobs")
+    table.select(pick, inputs=table, outputs=job_id, api_name=False)
+    job_id.change(show_log, inputs=job_id, outputs=log, api_name="job_log")
+    cancel.click(do_cancel, inputs=job_id, outputs=[table, status], api_name="cancel_job")
+    resume.click(do_resume, inputs=job_id, outputs=[table, status], api_name="resume_job")
