@@ -1,0 +1,169 @@
+"""Generation on any OpenAI-compatible server (OpenAI, vLLM, TGI, `transformers serve`, Ollama),
+in the shape of ModelHub's generate/stream/score_tokens. There are no adapter arguments: the
+served model name selects the adapter (e.g. vLLM --enable-lora serves each adapter by name).
+
+The API key is handed to the client and nowhere else: never logged, stored or shown in errors.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import openai
+
+from core.models import (GenerationStream, GenParams, Generation, Message, Prompt, TokenScores,
+                         _messages)
+
+OPENAI_URL = "https://api.openai.com/v1"
+# Local servers do not check the key, but the client refuses to start without one.
+_PLACEHOLDER_KEY = "no-key-needed"
+_MAX_PARALLEL_REQUESTS = 8
+
+
+class MissingApiKeyError(ValueError):
+    pass
+
+
+class BackendUnreachableError(ValueError):
+    pass
+
+
+class BackendRequestError(ValueError):
+    """The server answered but refused the request (bad key, unknown model, bad parameters)."""
+
+
+class OpenAIBackend:
+    def __init__(self, base_url: str | None, api_key: str | None, model: str,
+                 timeout: float = 60.0, max_retries: int = 1) -> None:
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            if base_url is None:
+                raise MissingApiKeyError("OpenAI needs an API key: set OPENAI_API_KEY or enter one "
+                                         "(it is used for this session only, never stored).")
+            key = _PLACEHOLDER_KEY
+        if not model:
+            raise ValueError("Name the served model (for vLLM with --enable-lora: the adapter's name).")
+        self.base_url = base_url
+        self.model = model
+        self._where = base_url or OPENAI_URL
+        self._client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout,
+                                     max_retries=max_retries)
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend(base_url={self._where!r}, model={self.model!r})"
+
+    def generate(self, prompts: list[Prompt], params: GenParams | None = None) -> list[Generation]:
+        """One request per prompt, sent concurrently; texts in prompt order."""
+        stream = self.stream(prompts, params)
+        for _ in stream:
+            pass
+        return stream.generations or []
+
+    def stream(self, prompts: list[Prompt], params: GenParams | None = None) -> GenerationStream:
+        """Iterate for the growing texts of all prompts; `.generations` after the end.
+
+        prompt_tokens is 0 and new_tokens counts text chunks when the server reports no usage.
+        """
+        gen_params = params or GenParams()
+        conversations = [_messages(p) for p in prompts]  # bad prompts fail here, not in a thread
+        return GenerationStream(lambda push, cancel: self._run(conversations, gen_params, push, cancel))
+
+    def score_tokens(self, prompt: Prompt, candidates: list[str],
+                     assistant_prefix: str = "") -> TokenScores | None:
+        """Next-token probabilities from the top 20 logprobs, or None when the server returns no
+        logprobs (transformers serve ignores them): the caller then falls back to sampling.
+
+        Chat APIs cannot continue a half-written assistant turn, so `assistant_prefix` ends the
+        last message instead. A candidate outside the top 20 gets 0.
+        """
+        messages = _with_suffix(_messages(prompt), assistant_prefix)
+        with self._errors():
+            reply = self._client.chat.completions.create(
+                model=self.model, messages=messages, logprobs=True, top_logprobs=20,
+                **self._length(1))
+        logprobs = reply.choices[0].logprobs if reply.choices else None
+        if logprobs is None or not logprobs.content:
+            return None
+        top = [(t.token.strip(), t.logprob) for t in logprobs.content[0].top_logprobs]
+        probs = {c: sum(math.exp(lp) for piece, lp in top
+                        if piece and c.strip().startswith(piece)) for c in candidates}
+        return TokenScores(probs, sum(probs.values()))
+
+    def _run(self, conversations: list[list[Message]], params: GenParams,
+             push: Callable[[list[str]], None], cancel: threading.Event) -> list[Generation]:
+        texts = [""] * len(conversations)
+        lock = threading.Lock()
+
+        def append(row: int, delta: str) -> None:
+            with lock:
+                texts[row] += delta
+                push(list(texts))
+
+        def one(row: int) -> Generation:
+            return self._one(conversations[row], params, lambda d: append(row, d), cancel)
+
+        if not conversations:
+            return []
+        with ThreadPoolExecutor(min(_MAX_PARALLEL_REQUESTS, len(conversations))) as pool:
+            return list(pool.map(one, range(len(conversations))))
+
+    def _one(self, messages: list[Message], params: GenParams, on_delta: Callable[[str], None],
+             cancel: threading.Event) -> Generation:
+        start = time.perf_counter()
+        first: float | None = None
+        text, chunks, usage = "", 0, None
+        sampling: dict[str, Any] = {"temperature": params.temperature, "seed": params.seed}
+        if params.temperature > 0:
+            sampling["top_p"] = params.top_p
+        with self._errors():
+            with self._client.chat.completions.create(
+                    model=self.model, messages=messages, stream=True,
+                    stream_options={"include_usage": True}, **sampling, **self._length(params.max_new_tokens)) as response:
+                for chunk in response:
+                    if cancel.is_set():
+                        break
+                    usage = getattr(chunk, "usage", None) or usage
+                    delta = chunk.choices[0].delta.content if chunk.choices else None
+                    if delta:
+                        first = first if first is not None else time.perf_counter() - start
+                        text += delta
+                        chunks += 1
+                        on_delta(delta)
+        seconds = time.perf_counter() - start
+        return Generation(text, usage.prompt_tokens if usage else 0,
+                          usage.completion_tokens if usage else chunks, seconds,
+                          first if first is not None else seconds)
+
+    def _length(self, tokens: int) -> dict[str, int]:
+        # OpenAI's newer models accept only max_completion_tokens; local servers know max_tokens.
+        return {"max_completion_tokens" if self.base_url is None else "max_tokens": tokens}
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Turn client exceptions into sentences; none of them repeats the key."""
+        try:
+            yield
+        except openai.APIConnectionError as err:  # includes timeouts
+            raise BackendUnreachableError(
+                f"Could not reach the OpenAI-compatible server at {self._where}: is it running, "
+                "and does the base URL end in /v1?") from err
+        except openai.AuthenticationError as err:
+            raise BackendRequestError(f"The server at {self._where} rejected the API key.") from err
+        except openai.NotFoundError as err:
+            raise BackendRequestError(f"The server at {self._where} does not serve model "
+                                      f"'{self.model}' (404 Not Found).") from err
+        except openai.APIStatusError as err:
+            raise BackendRequestError(f"The server at {self._where} refused the request "
+                                      f"({err.status_code}): {err.message}") from err
+
+
+def _with_suffix(messages: list[Message], suffix: str) -> list[Message]:
+    if not suffix:
+        return messages
+    last = messages[-1]
+    return messages[:-1] + [{**last, "content": last["content"] + "\n" + suffix}]
