@@ -1,8 +1,6 @@
 """Compare tab (first version): ask the default model a question and watch the answer stream."""
 from __future__ import annotations
 
-import time
-
 import gradio as gr
 
 from core import config
@@ -38,17 +36,13 @@ def build(services: Services) -> None:
         text = validate_question(q, config.MAX_QUESTION_CHARS)
         params = GenParams(max_new_tokens=int(max_tokens), temperature=float(temp),
                            top_p=float(top_p_value), seed=int(seed_value or 0))
-        t0 = time.monotonic()
-        first = None
-        rows = [""]
-        for rows in services.hub.stream(model_ref, [text], [adapter_name or BASE], params):
-            if first is None and rows[0]:
-                first = time.monotonic() - t0
-            yield rows[0], "generating…"
-        seconds = time.monotonic() - t0
-        tokens = services.hub.count_tokens(model_ref, rows[0])
-        yield rows[0], (f"{seconds:.2f} s · first token {first or seconds:.2f} s · "
-                        f"{tokens} tokens · {tokens / max(seconds, 1e-9):.1f} tokens/s")
+        stream = services.hub.stream(model_ref, [text], [adapter_name or BASE], params)
+        with stream:
+            for rows in stream:
+                yield rows[0], "generating…"
+        g = stream.generations[0]
+        yield g.text, (f"{g.seconds:.2f} s · first token {g.first_token_seconds:.2f} s · "
+                       f"{g.new_tokens} tokens · {g.new_tokens / max(g.seconds, 1e-9):.1f} tokens/s")
 
     def adapters_for(model_ref):
         names = [BASE] + services.hub.list_adapters(model_ref) if model_ref else [BASE]
