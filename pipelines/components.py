@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from haystack import Pipeline, component, default_from_dict, default_to_dict
+from haystack.core.serialization import allow_deserialization_module
 from haystack.dataclasses import ChatMessage
 from haystack.utils import Secret
 
@@ -23,6 +24,10 @@ _CHAT_ROLES = ("system", "user", "assistant")
 # Local OpenAI-compatible servers (vLLM, transformers serve, Ollama) accept any key but the client
 # refuses to start without one; this stand-in is not a secret.
 LOCAL_SERVER_KEY = "no-key-needed"
+
+# Haystack 3 refuses to load YAML that names a class from a module off its allowlist; ours is trusted
+# code, so pipelines this app saved load back once this module is imported.
+allow_deserialization_module(__name__)
 
 
 @component

@@ -208,11 +208,13 @@ def save_spec(spec: PipelineSpec, haystack_yaml: str | None = None, store: Store
     if haystack_yaml is not None:
         _write_atomic(yaml_path, haystack_yaml)
     if store is not None:
+        from core.store import now
+
         store.execute(
-            "INSERT INTO pipelines (name, spec, haystack_yaml) VALUES (?, ?, ?) "
+            "INSERT INTO pipelines (name, spec, haystack_yaml, updated_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, "
-            "haystack_yaml = excluded.haystack_yaml, updated_at = current_timestamp",
-            [spec.name, json.dumps(spec.to_dict()), haystack_yaml])
+            "haystack_yaml = excluded.haystack_yaml, updated_at = excluded.updated_at",
+            [spec.name, json.dumps(spec.to_dict()), haystack_yaml, now()])
     return path
 
 
