@@ -18,6 +18,7 @@ from pathlib import Path
 from haystack import Document, Pipeline
 from haystack.components.preprocessors import DocumentSplitter
 from haystack.components.writers import DocumentWriter
+from haystack.document_stores.errors import DocumentStoreError
 from haystack.document_stores.in_memory import InMemoryDocumentStore
 from haystack.document_stores.types import DuplicatePolicy
 
@@ -188,8 +189,10 @@ def load_index(name: str) -> DocumentStoreHandle:
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         store = InMemoryDocumentStore.load_from_disk(str(folder / "store.json"))
-    except (OSError, ValueError) as exc:
-        raise SpecError(f"The saved index of '{name}' is damaged ({exc}); build it again.") from exc
-    spec = PipelineSpec.from_dict(manifest["spec"])
-    return DocumentStoreHandle(name, spec, store, manifest["passage_digests"], manifest["n_passages"],
-                               manifest["seconds"], folder)
+        spec = PipelineSpec.from_dict(manifest["spec"])
+        return DocumentStoreHandle(name, spec, store, manifest["passage_digests"], manifest["n_passages"],
+                                   manifest["seconds"], folder)
+    except SpecError:
+        raise
+    except (OSError, ValueError, KeyError, DocumentStoreError) as exc:
+        raise SpecError(f"The saved index of '{name}' is damaged ({exc!r}); build it again.") from exc

@@ -109,7 +109,9 @@ class _PipelineCache:
         self._lock = threading.Lock()
 
     def get(self, spec: PipelineSpec, store: DocumentStoreHandle) -> tuple[Pipeline, threading.Lock]:
-        key = (json.dumps(spec.to_dict(), sort_keys=True), store.document_store.index)
+        # The generator and splitter play no part in retrieval; changing them needs no new pipeline.
+        settings = {k: v for k, v in spec.to_dict().items() if k not in ("generator", "splitter", "name")}
+        key = (json.dumps(settings, sort_keys=True), store.document_store.index)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)

@@ -169,6 +169,15 @@ def test_cancel_stops_indexing_between_batches():
         load_index("cancelled")
 
 
+def test_damaged_saved_index_gives_a_clear_error():
+    spec = PipelineSpec(name="damaged", retriever="bm25")
+    handle = build_index(spec, dataset("nq").corpus)
+    handle.release()
+    (handle.path / "store.json").write_text("{not json")
+    with pytest.raises(SpecError, match="The saved index of 'damaged' is damaged"):
+        load_index("damaged")
+
+
 def test_empty_corpus_and_empty_question_are_refused():
     spec = PipelineSpec(name="empty", retriever="bm25")
     with pytest.raises(SpecError, match="no passages"):
