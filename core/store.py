@@ -176,12 +176,33 @@ class Store:
     def list_datasets(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM datasets ORDER BY created_at DESC")
 
+    # -- votes ------------------------------------------------------------------------------
+    def add_vote(self, question: str, systems: list[Any], answers: list[str], choice: str,
+                 decoding: dict[str, Any] | None = None, retrieved: list[Any] | None = None) -> str:
+        vote_id = new_id("vote")
+        self.execute(
+            "INSERT INTO votes (id, question, systems, answers, decoding, retrieved, choice, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [vote_id, question, json.dumps(systems), json.dumps(answers), json.dumps(decoding),
+             json.dumps(retrieved), choice, now()],
+        )
+        return vote_id
 
-def _decode_job(row: dict[str, Any]) -> dict[str, Any]:
-    for col in JOB_JSON_COLUMNS:
+    # -- adapters ---------------------------------------------------------------------------
+    def list_adapters(self) -> list[dict[str, Any]]:
+        rows = self.query("SELECT * FROM adapters ORDER BY created_at DESC")
+        return [_decode_json(r, ("spec", "metrics")) for r in rows]
+
+
+def _decode_json(row: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
+    for col in columns:
         if isinstance(row.get(col), str):
             row[col] = json.loads(row[col])
     return row
+
+
+def _decode_job(row: dict[str, Any]) -> dict[str, Any]:
+    return _decode_json(row, JOB_JSON_COLUMNS)
 
 
 _store: Store | None = None

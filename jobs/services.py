@@ -1,18 +1,22 @@
-"""The app's long-lived objects in one place: the store, the job runner, the model hub, and the
-datasets loaded in this session. The UI and the CLIs call these functions; nothing here imports
-Gradio."""
+"""The app's long-lived objects in one place: the store, the job runner, the model hub, the
+datasets and indexes loaded in this process. The UI and the CLIs call these; no Gradio here."""
 from __future__ import annotations
 
+import shutil
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from core import config
-from core.datasets import QADataset
+from core.datasets import QADataset, load_preset
 from core.models import ModelHub, get_hub
-from core.schema import split_of
+from core.schema import InputError, split_of
 from core.store import Store, get_store
-from jobs.runner import JobContext, JobKind, JobRunner
+from jobs.runner import JobContext, JobKind, JobRunner, job_dir
+from pipelines import indexing, spec as pspec
+from pipelines.corpus import passages_from_files
+from pipelines.query import pipeline_yaml
 
 SPLIT_SEED = 0
 EVAL_FRACTION = 0.3
@@ -27,21 +31,19 @@ def prepare_models(ctx: JobContext) -> dict[str, Any]:
     return {"model": ref}
 
 
-def job_kinds() -> dict[str, JobKind]:
-    return {"prepare": JobKind(thread=prepare_models)}
-
-
 @dataclass
 class Services:
     store: Store
-    runner: JobRunner
+    runner: JobRunner | None = None
     datasets: dict[str, QADataset] = field(default_factory=dict)
+    indexes: dict[str, indexing.DocumentStoreHandle] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def hub(self) -> ModelHub:
         return get_hub()
 
+    # -- datasets ---------------------------------------------------------------------------
     def add_dataset(self, ds: QADataset) -> str:
         """Keep a loaded dataset for this process and record it (with its split) in DuckDB."""
         dataset_id = ds.source
@@ -56,11 +58,96 @@ class Services:
             self.datasets[dataset_id] = ds
         return dataset_id
 
+    def dataset_ids(self) -> list[str]:
+        samples = [f"sample:{name}" for name in ("bioasq", "qasper", "nq")]
+        return samples + sorted(set(self.datasets) - set(samples))
+
+    def dataset(self, dataset_id: str) -> QADataset:
+        """A dataset loaded in this process; shipped samples load on demand."""
+        with self._lock:
+            ds = self.datasets.get(dataset_id)
+        if ds is not None:
+            return ds
+        if dataset_id.startswith("sample:"):
+            ds = load_preset(dataset_id.split(":", 1)[1], source="sample")
+            self.add_dataset(ds)
+            return ds
+        raise InputError(f"The dataset '{dataset_id}' is not loaded in this session: load it in "
+                         "the Data tab first.")
+
+    def eval_examples(self, dataset_id: str):
+        return self.dataset(dataset_id).split(SPLIT_SEED, EVAL_FRACTION)[1]
+
+    # -- pipelines and indexes --------------------------------------------------------------
+    def start_indexing(self, spec: pspec.PipelineSpec, dataset_id: str | None,
+                       files: list[str] | None) -> str:
+        spec.validate()
+        if not dataset_id and not files:
+            raise InputError("Choose a dataset's passages or upload files to index.")
+        job_spec = {"pipeline": spec.to_dict(), "dataset_id": None if files else dataset_id,
+                    "files": [str(p) for p in files or []]}
+        return self.runner.start("index", job_spec)
+
+    def run_indexing(self, ctx: JobContext) -> dict[str, Any]:
+        spec = pspec.PipelineSpec.from_dict(ctx.spec["pipeline"])
+        if ctx.spec.get("files"):
+            # Uploads live in Gradio's temp dir; the job keeps copies so a resume still has them.
+            keep = job_dir(ctx.job_id) / "files"
+            keep.mkdir(exist_ok=True)
+            paths = []
+            for src in ctx.spec["files"]:
+                dst = keep / Path(src).name
+                if not dst.exists():
+                    shutil.copy(src, dst)
+                paths.append(dst)
+            passages = passages_from_files(paths)
+        else:
+            passages = self.dataset(ctx.spec["dataset_id"]).corpus
+        ctx.log(f"indexing {len(passages)} passages with {spec.retriever} retrieval")
+        handle = indexing.build_index(spec, passages, progress=ctx.progress,
+                                      should_cancel=lambda: ctx.cancelled)
+        pspec.save_spec(spec, pipeline_yaml(spec, handle), store=self.store)
+        with self._lock:
+            old = self.indexes.pop(spec.name, None)
+            self.indexes[spec.name] = handle
+        if old is not None and old.document_store is not handle.document_store:
+            old.release()
+        ctx.log(f"{handle.n_documents} chunks from {handle.n_passages} passages "
+                f"in {handle.seconds:.1f} s")
+        return {"pipeline": spec.name, "passages": handle.n_passages,
+                "chunks": handle.n_documents, "seconds": round(handle.seconds, 2),
+                "dataset_id": ctx.spec.get("dataset_id")}
+
+    def index(self, name: str) -> indexing.DocumentStoreHandle:
+        with self._lock:
+            handle = self.indexes.get(name)
+        if handle is None:
+            handle = indexing.load_index(name)
+            with self._lock:
+                handle = self.indexes.setdefault(name, handle)
+        return handle
+
+    def delete_pipeline(self, name: str) -> None:
+        with self._lock:
+            handle = self.indexes.pop(name, None)
+        if handle is not None:
+            handle.release()
+        pspec.delete_spec(name, store=self.store)
+
+    # -- adapters ---------------------------------------------------------------------------
+    def adapter_paths(self) -> dict[str, str]:
+        return {r["name"]: r["path"] for r in self.store.list_adapters()}
+
+    def adapter_names(self, model_ref: str) -> list[str]:
+        return sorted(set(self.adapter_paths()) | set(self.hub.list_adapters(model_ref)))
+
 
 def build_services(warm_up: bool = True) -> Services:
-    store = get_store()
-    runner = JobRunner(store, job_kinds())
-    services = Services(store=store, runner=runner)
+    services = Services(store=get_store())
+    services.runner = JobRunner(services.store, max_concurrent=2, kinds={
+        "prepare": JobKind(thread=prepare_models),
+        "index": JobKind(thread=services.run_indexing),
+    })
     if warm_up:
-        runner.start("prepare", {"model": config.DEFAULT_CHAT_MODEL})
+        services.runner.start("prepare", {"model": config.DEFAULT_CHAT_MODEL})
     return services

@@ -1,54 +1,207 @@
-"""Compare tab (first version): ask the default model a question and watch the answer stream."""
+"""Compare tab: one question, up to six systems side by side, with and without RAG, then a vote."""
 from __future__ import annotations
 
 import gradio as gr
+import pandas as pd
 
 from core import config
-from core.models import GenParams
-from core.schema import validate_question
+from core.models import BASE, GenParams
 from jobs.services import Services
+from pipelines import spec as pspec
+from pipelines.compare import MAX_SYSTEMS, Comparison, System, compare
 from ui.common import user_errors
+from ui.rag_tab import chunks_table
 
-BASE = "__base__"
+NONE, OPENAI = "(off)", "OpenAI-compatible"
+CHOICES = ["A better", "B better", "tie", "all bad"]
+
+
+def system_choices(services: Services, model_ref: str) -> list[str]:
+    return [NONE, "base", *services.adapter_names(model_ref), OPENAI]
 
 
 def build(services: Services) -> None:
-    gr.Markdown("Ask a question and watch the answer stream. The embedded model is "
-                "SmolLM2-135M-Instruct: small and fast on a laptop CPU, not wise.")
-    question = gr.Textbox(label="Question", lines=2, max_lines=8,
-                          placeholder="e.g. When was the Eiffel Tower completed?")
+    gr.Markdown("Ask one question of several systems at once: the base model and fine-tuned "
+                "adapters, each with or without RAG. Retrieval runs once, every system gets the "
+                "same prompt template and decoding, and all local systems answer in one batch.")
+    with gr.Row():
+        question = gr.Textbox(label="Question", lines=2, max_lines=8, scale=3,
+                              placeholder="e.g. Which gene is mutated in cystic fibrosis?")
+        with gr.Column(scale=2):
+            dataset = gr.Dropdown(services.dataset_ids(), value=None, label="…or pick from a "
+                                  "dataset's eval split", allow_custom_value=True)
+            picked = gr.Dropdown([], label="Eval question", value=None)
+    reference = gr.Markdown()
     with gr.Row():
         model = gr.Dropdown([config.DEFAULT_CHAT_MODEL], value=config.DEFAULT_CHAT_MODEL,
-                            allow_custom_value=True, label="Model (alias, folder or hub id)")
-        adapter = gr.Dropdown([BASE], value=BASE, label="Adapter", allow_custom_value=False)
+                            allow_custom_value=True, label="Base model (alias, folder or hub id)")
+        pipeline = gr.Dropdown(pspec.list_specs(), value=None, label="RAG pipeline (built index)",
+                               allow_custom_value=True)
+        preset = gr.Button("2×2 preset: {base, adapter} × {no RAG, RAG}")
+    rows = []
+    with gr.Row():
+        for i in range(MAX_SYSTEMS):
+            with gr.Column(min_width=140):
+                choice = gr.Dropdown(system_choices(services, config.DEFAULT_CHAT_MODEL),
+                                     value="base" if i == 0 else NONE, label=f"System {i + 1}")
+                rag = gr.Checkbox(value=False, label="RAG")
+                rows.append((choice, rag))
+    with gr.Accordion("OpenAI-compatible endpoint", open=False):
+        with gr.Row():
+            base_url = gr.Textbox(label="Base URL (empty = OpenAI)",
+                                  placeholder="http://127.0.0.1:8000/v1")
+            remote_model = gr.Textbox(label="Served model name")
+            api_key = gr.Textbox(label="API key (this session only, never stored)",
+                                 type="password")
     with gr.Accordion("Decoding (shared by every system)", open=False):
         with gr.Row():
             max_new_tokens = gr.Slider(8, 512, value=96, step=8, label="Max new tokens")
-            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05,
+                                    label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
             seed = gr.Number(value=0, precision=0, label="Seed")
-    ask = gr.Button("Compare", variant="primary")
-    answer = gr.Textbox(label="Answer", lines=6, interactive=False)
-    stats = gr.Markdown()
+    with gr.Row():
+        ask = gr.Button("Compare", variant="primary")
+        regenerate = gr.Button("Regenerate")
+        clear = gr.Button("Clear")
+    chunks = gr.Dataframe(label="Retrieved chunks (shared by every RAG system)", wrap=True,
+                          interactive=False, visible=False)
+    answers, stats = [], []
+    with gr.Row():
+        for i in range(MAX_SYSTEMS):
+            with gr.Column(min_width=160):
+                answers.append(gr.Textbox(label=f"System {i + 1}", lines=8, interactive=False,
+                                          visible=i == 0))
+                stats.append(gr.Markdown())
+    last = gr.State(None)
+    with gr.Row():
+        vote_a = gr.Dropdown([1, 2], value=1, label="A = system", interactive=False)
+        vote_b = gr.Dropdown([1, 2], value=2, label="B = system", interactive=False)
+        vote_buttons = [gr.Button(c, interactive=False) for c in CHOICES]
+    vote_status = gr.Markdown()
+
+    row_inputs = [w for pair in rows for w in pair]
+    inputs = [question, model, pipeline, base_url, remote_model, api_key, max_new_tokens,
+              temperature, top_p, seed, *row_inputs]
+    outputs = [chunks, *answers, *stats, last, vote_a, vote_b, *vote_buttons]
+
+    def systems_from(model_ref, url, remote, values) -> list[System]:
+        systems = []
+        for choice, use_rag in zip(values[::2], values[1::2]):
+            if choice in (None, NONE):
+                continue
+            if choice == OPENAI:
+                systems.append(System("openai", (remote or "").strip(), rag=bool(use_rag),
+                                      base_url=(url or "").strip() or None))
+            else:
+                adapter = BASE if choice == "base" else choice
+                systems.append(System("local", model_ref, adapter, bool(use_rag)))
+        return systems
+
+    def render(state: Comparison, final: bool) -> list:
+        n = len(state.columns)
+        out = [gr.update(value=chunks_table(state.documents), visible=bool(state.documents))]
+        out += [gr.update(value=c.text, label=f"{i + 1}. {c.system.label}", visible=True)
+                for i, c in enumerate(state.columns)]
+        out += [gr.update(value="", visible=False)] * (MAX_SYSTEMS - n)
+        out += [c.stats for c in state.columns] + [""] * (MAX_SYSTEMS - n)
+        record = state if final else None
+        numbers = list(range(1, n + 1))
+        out += [record,
+                gr.update(choices=numbers, value=1, interactive=final and n > 1),
+                gr.update(choices=numbers, value=min(2, n), interactive=final and n > 1)]
+        out += [gr.update(interactive=final)] * len(CHOICES)
+        return out
+
+    def run(q, model_ref, pipe, url, remote, key, max_tokens, temp, top, seed_value, values,
+            documents=None):
+        params = GenParams(max_new_tokens=int(max_tokens), temperature=float(temp),
+                           top_p=float(top), seed=int(seed_value or 0))
+        systems = systems_from(model_ref, url, remote, values)
+        spec = index = None
+        if pipe and any(s.rag for s in systems):
+            index = services.index(pipe)
+            spec = index.spec
+        state = None
+        for state in compare(q, systems, params, spec, index, api_key=(key or None),
+                             documents=documents, adapter_paths=services.adapter_paths()):
+            yield render(state, final=False)
+        yield render(state, final=True)
 
     @user_errors
-    def do_answer(q, model_ref, adapter_name, max_tokens, temp, top_p_value, seed_value):
-        text = validate_question(q, config.MAX_QUESTION_CHARS)
-        params = GenParams(max_new_tokens=int(max_tokens), temperature=float(temp),
-                           top_p=float(top_p_value), seed=int(seed_value or 0))
-        stream = services.hub.stream(model_ref, [text], [adapter_name or BASE], params)
-        with stream:
-            for rows in stream:
-                yield rows[0], "generating…"
-        g = stream.generations[0]
-        yield g.text, (f"{g.seconds:.2f} s · first token {g.first_token_seconds:.2f} s · "
-                       f"{g.new_tokens} tokens · {g.new_tokens / max(g.seconds, 1e-9):.1f} tokens/s")
+    def do_compare(q, model_ref, pipe, url, remote, key, max_tokens, temp, top, seed_value,
+                   *values):
+        yield from run(q, model_ref, pipe, url, remote, key, max_tokens, temp, top, seed_value,
+                       values)
 
-    def adapters_for(model_ref):
-        names = [BASE] + services.hub.list_adapters(model_ref) if model_ref else [BASE]
-        return gr.update(choices=names, value=BASE)
+    @user_errors
+    def do_regenerate(previous, q, model_ref, pipe, url, remote, key, max_tokens, temp, top,
+                      seed_value, *values):
+        # Same question and chunks: only the answers are drawn again (a new seed when sampling).
+        documents = previous.documents if previous and previous.question == q.strip() else None
+        new_seed = int(seed_value or 0) + (1 if float(temp) > 0 else 0)
+        yield from run(q, model_ref, pipe, url, remote, key, max_tokens, temp, top, new_seed,
+                       values, documents)
 
-    inputs = [question, model, adapter, max_new_tokens, temperature, top_p, seed]
-    ask.click(do_answer, inputs=inputs, outputs=[answer, stats], api_name="compare")
-    question.submit(do_answer, inputs=inputs, outputs=[answer, stats], api_name=False)
-    model.change(adapters_for, inputs=model, outputs=adapter, api_name=False)
+    def do_clear():
+        empty = Comparison("", columns=[])
+        return render(empty, final=False)
+
+    @user_errors
+    def do_vote(record: Comparison | None, a, b, choice):
+        if record is None:
+            raise gr.Error("Generate answers first, then vote.")
+        a, b = int(a), int(b)
+        if a == b and choice in ("A better", "B better"):
+            raise gr.Error("A and B are the same system; pick two different ones.")
+        cols = [record.columns[a - 1], record.columns[b - 1]]
+        vote_id = services.store.add_vote(
+            record.question, [c.system.label for c in cols], [c.text for c in cols],
+            choice.replace(" ", "_"), decoding=vars(record.params),
+            retrieved=[{"passage_id": d.meta.get("passage_id"), "score": d.score}
+                       for d in record.documents])
+        return f"Vote recorded ({choice}: system {a} vs system {b}), id `{vote_id}`."
+
+    def pick_question(ds_id):
+        if not ds_id:
+            return gr.update(choices=[], value=None)
+        examples = services.eval_examples(ds_id)
+        return gr.update(choices=[(e.question, e.id) for e in examples], value=None)
+
+    def use_question(ds_id, example_id):
+        if not (ds_id and example_id):
+            return gr.update(), ""
+        example = next(e for e in services.eval_examples(ds_id) if e.id == example_id)
+        return example.question, f"**Reference answer:** {example.answer}"
+
+    @user_errors
+    def two_by_two(model_ref, pipe):
+        adapters = services.adapter_names(model_ref)
+        if not adapters:
+            raise gr.Error("No adapter yet: fine-tune one (Fine-tune tab) or load one first.")
+        if not pipe:
+            raise gr.Error("Choose a RAG pipeline with a built index first (RAG tab).")
+        plan = [("base", False), ("base", True), (adapters[0], False), (adapters[0], True)]
+        plan += [(NONE, False)] * (MAX_SYSTEMS - len(plan))
+        return [v for choice, use_rag in plan for v in (choice, use_rag)]
+
+
+    ask.click(do_compare, inputs=inputs, outputs=outputs, api_name="compare")
+    question.submit(do_compare, inputs=inputs, outputs=outputs, api_name=False)
+    regenerate.click(do_regenerate, inputs=[last, *inputs], outputs=outputs,
+                     api_name="regenerate")
+    clear.click(do_clear, outputs=outputs, api_name="clear")
+    for button, choice in zip(vote_buttons, CHOICES):
+        button.click(do_vote, inputs=[last, vote_a, vote_b, gr.State(choice)],
+                     outputs=vote_status, api_name=f"vote_{choice.replace(' ', '_')}")
+    dataset.change(pick_question, inputs=dataset, outputs=picked, api_name=False)
+    picked.change(use_question, inputs=[dataset, picked], outputs=[question, reference],
+                  api_name=False)
+    preset.click(two_by_two, inputs=[model, pipeline], outputs=row_inputs, api_name="preset_2x2")
+    for choice, _ in rows:  # adapters trained since the page loaded appear on the next click
+        choice.focus(lambda m: gr.update(choices=system_choices(services, m)), inputs=model,
+                     outputs=choice, api_name=False)
+    pipeline.focus(lambda: gr.update(choices=pspec.list_specs()), outputs=pipeline,
+                   api_name=False)
+    dataset.focus(lambda: gr.update(choices=services.dataset_ids()), outputs=dataset,
+                  api_name=False)

@@ -1,0 +1,156 @@
+"""RAG tab: choose a corpus, set the pipeline spec, build the index, try queries, see quality."""
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+import pandas as pd
+
+from core import config
+from jobs.services import Services
+from pipelines import spec as pspec
+from pipelines.graph import pipeline_mermaid
+from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
+from ui.common import fmt_seconds, user_errors
+
+CHUNK_COLUMNS = ["rank", "score", "passage_id", "title", "text"]
+QUALITY_KS = (1, 3, 5, 10)
+
+
+def chunks_table(documents) -> pd.DataFrame:
+    rows = [{"rank": i, "score": round(d.score, 4) if d.score is not None else None,
+             "passage_id": d.meta.get("passage_id", ""), "title": d.meta.get("title", ""),
+             "text": d.content} for i, d in enumerate(documents, start=1)]
+    return pd.DataFrame(rows, columns=CHUNK_COLUMNS)
+
+
+def build(services: Services) -> None:
+    gr.Markdown("Build a Haystack RAG pipeline: split and embed a corpus into an index, then "
+                "retrieve the top-k chunks for a question and put them into the prompt.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown("#### Corpus")
+            dataset = gr.Dropdown(services.dataset_ids(), value="sample:bioasq",
+                                  label="A dataset's passages", allow_custom_value=True)
+            files = gr.File(label="…or upload documents (.txt, .md, .pdf, .html)",
+                            file_count="multiple", file_types=[".txt", ".md", ".pdf", ".html"])
+            gr.Markdown("#### Saved pipelines")
+            saved = gr.Dropdown(pspec.list_specs(), label="Saved pipelines", value=None)
+            with gr.Row():
+                load_btn = gr.Button("Load")
+                delete_btn = gr.Button("Delete", variant="stop")
+        with gr.Column(scale=2):
+            gr.Markdown("#### Pipeline spec")
+            with gr.Row():
+                name = gr.Textbox(value="bioasq-hybrid", label="Name")
+                retriever = gr.Radio(list(pspec.RETRIEVERS), value="hybrid", label="Retriever")
+                top_k = gr.Slider(1, 20, value=5, step=1, label="Top-k")
+            with gr.Row():
+                split_by = gr.Radio(list(pspec.SPLIT_BY), value="word", label="Split by")
+                split_length = gr.Number(value=150, precision=0, label="Split length")
+                split_overlap = gr.Number(value=20, precision=0, label="Overlap")
+            with gr.Row():
+                embedder = gr.Textbox(value=config.DEFAULT_EMBEDDER, label="Embedder")
+                ranker = gr.Textbox(value="", label="Ranker (optional cross-encoder)")
+            template = gr.Code(value=pspec.DEFAULT_TEMPLATE, language="jinja2", lines=10,
+                               label="Prompt template (question, documents)")
+    with gr.Row():
+        build_btn = gr.Button("Build index", variant="primary")
+        cancel_btn = gr.Button("Cancel indexing")
+    job_id = gr.State("")
+    build_status = gr.Markdown()
+    with gr.Row():
+        with gr.Column(scale=2):
+            question = gr.Textbox(label="Try a query", placeholder="Which gene is mutated in …?")
+            retrieve_btn = gr.Button("Retrieve")
+            chunks = gr.Dataframe(headers=CHUNK_COLUMNS, label="Retrieved chunks", wrap=True,
+                                  interactive=False)
+        with gr.Column(scale=1):
+            graph = gr.Markdown(label="Pipeline graph")
+            quality_btn = gr.Button("Retrieval quality on the eval split")
+            quality = gr.Dataframe(label="recall@k / MRR", interactive=False)
+            quality_plot = gr.LinePlot(x="k", y="value", color="metric", label="Retrieval quality",
+                                       height=220)
+
+    spec_inputs = [name, split_by, split_length, split_overlap, embedder, retriever, top_k,
+                   ranker, template]
+
+    def make_spec(n, sb, sl, so, emb, ret, k, rk, tpl) -> pspec.PipelineSpec:
+        return pspec.PipelineSpec(
+            name=(n or "").strip(), splitter=pspec.SplitterSpec(sb, int(sl or 0), int(so or 0)),
+            embedder=(emb or "").strip() or config.DEFAULT_EMBEDDER, retriever=ret, top_k=int(k),
+            ranker=(rk or "").strip() or None, prompt_template=tpl)
+
+    @user_errors
+    def do_build(ds_id, uploaded, *values, progress=gr.Progress()):
+        spec = make_spec(*values)
+        paths = [f if isinstance(f, str) else f.name for f in (uploaded or [])]
+        jid = services.start_indexing(spec, ds_id, paths)
+        while True:
+            job = services.store.get_job(jid)
+            progress(job["progress"], desc=job["message"] or job["status"])
+            if job["status"] in ("done", "failed", "cancelled"):
+                break
+            time.sleep(0.3)
+        if job["status"] != "done":
+            raise gr.Error(f"Indexing {job['status']}: {job['error'] or job['message']}")
+        r = job["result"]
+        status = (f"Index **{r['pipeline']}** built: {r['passages']} passages → {r['chunks']} "
+                  f"chunks in {fmt_seconds(r['seconds'])} (job `{jid}`).")
+        return jid, status, gr.update(choices=pspec.list_specs(), value=spec.name), \
+            show_graph(spec.name)
+
+    def show_graph(pipeline_name: str) -> str:
+        handle = services.index(pipeline_name)
+        return f"```mermaid\n{pipeline_mermaid(build_query_pipeline(handle.spec, handle))}\n```"
+
+    @user_errors
+    def do_cancel(jid):
+        if not jid:
+            raise gr.Error("No indexing job is running from this page.")
+        services.runner.cancel(jid)
+        return "Cancel requested."
+
+    @user_errors
+    def do_retrieve(q, *values):
+        spec = make_spec(*values)
+        return chunks_table(retrieve(spec, services.index(spec.name), q))
+
+    @user_errors
+    def do_quality(ds_id, *values, progress=gr.Progress()):
+        spec = make_spec(*values)
+        handle = services.index(spec.name)
+        examples = services.eval_examples(ds_id)
+        rows = []
+        for k in [k for k in QUALITY_KS if k <= max(spec.top_k, 1)] or [spec.top_k]:
+            progress(len(rows) / len(QUALITY_KS), desc=f"k = {k}")
+            m = retrieval_metrics(spec, handle, examples, top_k=k)
+            rows.append({"k": k, "recall": round(m["recall"], 3), "hit_rate": round(m["hit_rate"], 3),
+                         "mrr": round(m["mrr"], 3), "n": m["n"], "skipped": m["skipped"]})
+        table = pd.DataFrame(rows)
+        long = table.melt(id_vars="k", value_vars=["recall", "mrr"], var_name="metric")
+        return table, long
+
+    @user_errors
+    def do_load(pipeline_name):
+        s = pspec.load_spec(pipeline_name)
+        return (s.name, s.splitter.split_by, s.splitter.split_length, s.splitter.split_overlap,
+                s.embedder, s.retriever, s.top_k, s.ranker or "", s.prompt_template,
+                show_graph(s.name))
+
+    @user_errors
+    def do_delete(pipeline_name):
+        services.delete_pipeline(pipeline_name)
+        return gr.update(choices=pspec.list_specs(), value=None), f"Deleted `{pipeline_name}`."
+
+    build_btn.click(do_build, inputs=[dataset, files, *spec_inputs],
+                    outputs=[job_id, build_status, saved, graph], api_name="build_index")
+    cancel_btn.click(do_cancel, inputs=job_id, outputs=build_status, api_name="cancel_index")
+    retrieve_btn.click(do_retrieve, inputs=[question, *spec_inputs], outputs=chunks,
+                       api_name="retrieve")
+    question.submit(do_retrieve, inputs=[question, *spec_inputs], outputs=chunks, api_name=False)
+    quality_btn.click(do_quality, inputs=[dataset, *spec_inputs], outputs=[quality, quality_plot],
+                      api_name="retrieval_quality")
+    load_btn.click(do_load, inputs=saved, outputs=[*spec_inputs, graph], api_name="load_pipeline")
+    delete_btn.click(do_delete, inputs=saved, outputs=[saved, build_status],
+                     api_name="delete_pipeline")
