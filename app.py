@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from jobs.services import Services, build_services
-from ui import compare_tab, data_tab, jobs_panel, rag_tab
+from ui import compare_tab, data_tab, finetune_tab, jobs_panel, rag_tab
 
 TITLE = "Fine-tune or RAG? A lab for 'Fine-Tuning or Fine-Failing?'"
 INTRO = (
@@ -20,6 +20,8 @@ def build_app(services: Services) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Tab("Data"):
             data_tab.build(services)
+        with gr.Tab("Fine-tune"):
+            finetune_tab.build(services)
         with gr.Tab("RAG"):
             rag_tab.build(services)
         with gr.Tab("Compare"):

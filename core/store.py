@@ -193,6 +193,22 @@ class Store:
         rows = self.query("SELECT * FROM adapters ORDER BY created_at DESC")
         return [_decode_json(r, ("spec", "metrics")) for r in rows]
 
+    def upsert_adapter(self, name: str, base_model: str, path: str, spec: dict | None = None,
+                       metrics: dict | None = None, job_id: str | None = None) -> None:
+        self.execute(
+            "INSERT INTO adapters (name, base_model, path, spec, metrics, job_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "base_model = excluded.base_model, path = excluded.path, spec = excluded.spec, "
+            "metrics = excluded.metrics, job_id = excluded.job_id",
+            [name, base_model, path, json.dumps(spec), json.dumps(metrics), job_id, now()],
+        )
+
+    def rename_adapter(self, old: str, new: str, path: str) -> None:
+        self.execute("UPDATE adapters SET name = ?, path = ? WHERE name = ?", [new, path, old])
+
+    def delete_adapter(self, name: str) -> None:
+        self.execute("DELETE FROM adapters WHERE name = ?", [name])
+
 
 def _decode_json(row: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
     for col in columns:

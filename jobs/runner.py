@@ -84,6 +84,9 @@ class JobContext:
         with self.log_path.open("a", encoding="utf-8") as fh:
             fh.write(line.rstrip("\n") + "\n")
 
+    def metric(self, **values: Any) -> None:
+        _append_metric(self.job_id, values)
+
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
@@ -99,10 +102,12 @@ ArgvFn = Callable[[dict[str, Any], bool], list[str]]
 
 @dataclass
 class JobKind:
-    """How to run one kind of job: exactly one of `thread` or `argv` is set."""
+    """How to run one kind of job: exactly one of `thread` or `argv` is set. `on_done(job_id,
+    result)` runs in the app process after success (a subprocess job's records go in there)."""
 
     thread: ThreadFn | None = None
     argv: ArgvFn | None = None
+    on_done: Callable[[str, dict[str, Any]], None] | None = None
 
 
 class JobRunner:
@@ -146,6 +151,15 @@ class JobRunner:
             thread.join(timeout)
         return self._job(job_id)
 
+    @staticmethod
+    def metrics(job_id: str) -> list[dict[str, Any]]:
+        """Metric points the job reported so far (e.g. step and loss), oldest first."""
+        path = job_dir(job_id) / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+
     def log_tail(self, job_id: str, lines: int = 40) -> str:
         path = job_dir(job_id) / "log.txt"
         if not path.exists():
@@ -188,6 +202,8 @@ class JobRunner:
                 else:
                     result = self._run_subprocess(job_id, kind.argv(spec, resume), progress,
                                                   log_path)
+                if kind.on_done:
+                    kind.on_done(job_id, result or {})
             except JobCancelled:
                 self._finish(job_id, "cancelled", message="cancelled by the user")
             except Exception as exc:  # a job's failure is recorded, never lost in a thread
@@ -214,6 +230,8 @@ class JobRunner:
                     event = json.loads(line[len(PROTOCOL_PREFIX):])
                     if "result" in event:
                         result = event["result"]
+                    elif "metric" in event:
+                        _append_metric(job_id, event["metric"])
                     else:
                         progress.update(event["progress"], event.get("message", ""))
                 else:
@@ -231,6 +249,11 @@ class JobRunner:
         self.store.update_job(job_id, status=status, finished_at=now(), eta_seconds=None, **fields)
 
 
+def _append_metric(job_id: str, values: dict[str, Any]) -> None:
+    with (job_dir(job_id) / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(values) + "\n")
+
+
 class Reporter:
     """The child's side of a subprocess job; prints plain progress when run by hand (CLI)."""
 
@@ -242,6 +265,11 @@ class Reporter:
             self._emit({"progress": fraction, "message": message})
         else:
             print(f"[{fraction:6.1%}] {message}", flush=True)
+
+    def metric(self, **values: Any) -> None:
+        """A point for live charts (e.g. step, train_loss, val_loss); silent when run by hand."""
+        if self.under_runner:
+            self._emit({"metric": values})
 
     def result(self, result: dict[str, Any]) -> None:
         if self.under_runner:

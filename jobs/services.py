@@ -2,17 +2,20 @@
 datasets and indexes loaded in this process. The UI and the CLIs call these; no Gradio here."""
 from __future__ import annotations
 
+import os
 import shutil
 import threading
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core import config
 from core.datasets import QADataset, load_preset
-from core.models import ModelHub, get_hub
+from core.models import AdapterError, ModelHub, get_hub
 from core.schema import InputError, split_of
 from core.store import Store, get_store
+from jobs.finetune import adapter_dir, finetune_argv
 from jobs.runner import JobContext, JobKind, JobRunner, job_dir
 from pipelines import indexing, spec as pspec
 from pipelines.corpus import passages_from_files
@@ -141,12 +144,83 @@ class Services:
     def adapter_names(self, model_ref: str) -> list[str]:
         return sorted(set(self.adapter_paths()) | set(self.hub.list_adapters(model_ref)))
 
+    def record_adapter(self, job_id: str, result: dict[str, Any]) -> None:
+        """A finished fine-tune job's adapter becomes a row (the CLI writes the same row)."""
+        self.store.upsert_adapter(job_id=job_id, **result)
+
+    def import_adapter(self, source: str, base_model: str, name: str | None = None) -> str:
+        """Register a LoRA folder or hub id after attaching it once (which validates it)."""
+        source = (source or "").strip()
+        if not source:
+            raise InputError("Give an adapter folder or a Hub id (owner/name).")
+        name = self.hub.load_adapter(base_model, source, (name or "").strip() or None)
+        path = Path(source) if Path(source).is_dir() else None
+        self.store.upsert_adapter(name, base_model, str(path or source))
+        return name
+
+    def _adapter_row(self, name: str) -> dict[str, Any]:
+        row = next((r for r in self.store.list_adapters() if r["name"] == name), None)
+        if row is None:
+            raise AdapterError(f"No adapter named '{name}'.")
+        return row
+
+    def rename_adapter(self, old: str, new: str) -> None:
+        row = self._adapter_row(old)
+        new = (new or "").strip()
+        if not new or new == old or any(r["name"] == new for r in self.store.list_adapters()):
+            raise AdapterError(f"Choose a new, unused adapter name (not '{new}').")
+        path = Path(row["path"])
+        if path.parent == adapter_dir(old).parent:  # ours: the folder follows the name
+            path = path.rename(adapter_dir(new))
+        self.store.rename_adapter(old, new, str(path))
+
+    def delete_adapter(self, name: str) -> None:
+        path = Path(self._adapter_row(name)["path"])
+        self.store.delete_adapter(name)
+        if path.parent == adapter_dir(name).parent:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def zip_adapter(self, name: str) -> Path:
+        """The adapter folder as a zip (weights, config, spec, metrics; no checkpoints)."""
+        folder = Path(self._adapter_row(name)["path"])
+        if not folder.is_dir():
+            raise AdapterError(f"The folder of adapter '{name}' is gone ({folder}).")
+        out = config.subdir("exports") / f"{name}.zip"
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file() and "checkpoints" not in path.relative_to(folder).parts:
+                    zf.write(path, path.relative_to(folder))
+        return out
+
+    def push_adapter(self, name: str, repo_id: str, token: str | None) -> str:
+        """Upload to the Hub with the token given (UI session) or HF_TOKEN; never stored."""
+        from huggingface_hub import HfApi
+
+        token = (token or "").strip() or os.environ.get("HF_TOKEN")
+        if not token:
+            raise InputError("Pushing needs a Hugging Face token: set HF_TOKEN or paste one "
+                             "(used for this request only, never stored).")
+        if not (repo_id or "").strip() or "/" not in repo_id:
+            raise InputError("Give the target repo as owner/name.")
+        folder = Path(self._adapter_row(name)["path"])
+        try:
+            api = HfApi(token=token)
+            api.create_repo(repo_id.strip(), exist_ok=True)
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id.strip(),
+                                     ignore_patterns=["checkpoints/*"])
+        except Exception as exc:  # offline, bad token, no permission: all user-fixable
+            raise InputError(f"Could not push '{name}' to {repo_id}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'no details'} "
+                             "(offline or no write access?)") from exc
+        return str(getattr(info, "commit_url", repo_id))
+
 
 def build_services(warm_up: bool = True) -> Services:
     services = Services(store=get_store())
     services.runner = JobRunner(services.store, max_concurrent=2, kinds={
         "prepare": JobKind(thread=prepare_models),
         "index": JobKind(thread=services.run_indexing),
+        "finetune": JobKind(argv=finetune_argv, on_done=services.record_adapter),
     })
     if warm_up:
         services.runner.start("prepare", {"model": config.DEFAULT_CHAT_MODEL})

@@ -135,6 +135,7 @@ for i in range(n):
     time.sleep(float(sys.argv[2]))
     print("training line", i, flush=True)
     r.progress((i + 1) / n, f"step {i + 1}")
+    r.metric(step=i + 1, loss=10.0 / (i + 1))
 r.result({"final_loss": 1.25})
 """
 
@@ -151,6 +152,7 @@ def test_subprocess_job_streams_progress_log_and_result(store):
     assert job["result"] == {"final_loss": 1.25}
     tail = runner.log_tail(job_id)
     assert "training line 4" in tail and "@@job" not in tail
+    assert runner.metrics(job_id) == [{"step": i, "loss": 10.0 / i} for i in range(1, 6)]
 
 
 def test_subprocess_job_cancel_kills_the_child(store):

@@ -1,0 +1,221 @@
+"""Fine-tune tab: the study's knobs, a live loss chart, and the adapters list."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from core import config
+from jobs.finetune_data import FinetuneSpec
+from jobs.services import Services
+from pipelines import spec as pspec
+from ui.common import fmt_seconds, user_errors
+
+FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
+        "lora_alpha", "lora_dropout", "target_modules", "qlora", "epochs", "lr", "lr_schedule",
+        "warmup_ratio", "micro_batch_size", "grad_accum", "max_length", "seed", "val_size",
+        "val_every", "checkpoint_every", "name"]
+ADAPTER_COLUMNS = ["name", "base_model", "n_train", "context", "final_train_loss",
+                   "final_val_loss", "steps", "tokens/s", "wall", "created"]
+
+
+def form_values(spec: FinetuneSpec) -> list:
+    d = spec.to_dict()
+    d["target_modules"] = ",".join(d["target_modules"])
+    return [d[k] for k in FORM]
+
+
+def spec_from_form(values) -> FinetuneSpec:
+    d = dict(zip(FORM, values))
+    d["target_modules"] = [m.strip() for m in (d["target_modules"] or "").split(",") if m.strip()]
+    for key in ("n_train", "lora_r", "epochs", "micro_batch_size", "grad_accum", "max_length",
+                "seed", "val_size", "val_every", "checkpoint_every"):
+        d[key] = int(d[key] or 0)
+    for key in ("lora_alpha", "lora_dropout", "lr", "warmup_ratio"):
+        d[key] = float(d[key] or 0)
+    spec = FinetuneSpec.from_dict(d)
+    spec.validate()
+    return spec
+
+
+def adapters_table(services: Services) -> pd.DataFrame:
+    rows = []
+    for a in services.store.list_adapters():
+        m, s = a["metrics"] or {}, a["spec"] or {}
+        rows.append({"name": a["name"], "base_model": a["base_model"], "n_train": m.get("n_train"),
+                     "context": s.get("context", ""), "final_train_loss": m.get("final_train_loss"),
+                     "final_val_loss": m.get("final_val_loss"), "steps": m.get("steps"),
+                     "tokens/s": round(m["train_tokens_per_s"]) if m.get("train_tokens_per_s")
+                     else None, "wall": fmt_seconds(m.get("wall_seconds")),
+                     "created": f"{a['created_at']:%Y-%m-%d %H:%M}"})
+    return pd.DataFrame(rows, columns=ADAPTER_COLUMNS)
+
+
+def loss_frame(points: list[dict]) -> pd.DataFrame:
+    rows = [{"step": p["step"], "loss": p[key], "curve": label}
+            for p in points for key, label in (("train_loss", "train"), ("val_loss", "validation"))
+            if p.get(key) is not None]
+    return pd.DataFrame(rows, columns=["step", "loss", "curve"])
+
+
+def build(services: Services) -> None:
+    gr.Markdown("Train a LoRA adapter on QA pairs (loss on the answer tokens only), the way the "
+                "study did: 200, 500 or 1000 pairs, r 16, alpha 32, 3 epochs, lr 2e-4, batch 16. "
+                "On a laptop CPU start from the **CPU preset** (the embedded 135M model, 32 pairs, "
+                "a few minutes). A run keeps going when you close the browser.")
+    defaults = FinetuneSpec()
+    with gr.Row():
+        cpu = gr.Button("CPU preset")
+        study = gr.Button("Study defaults")
+    with gr.Row():
+        base_model = gr.Textbox(defaults.base_model, label="Base model (alias, folder, hub id)")
+        dataset = gr.Dropdown(["bioasq", "qasper", "nq"], value=defaults.dataset,
+                              allow_custom_value=True, label="Dataset (preset or file path)")
+        source = gr.Radio(["sample", "hub"], value=defaults.source, label="Preset source")
+        n_train = gr.Dropdown([32, 200, 500, 1000], value=defaults.n_train,
+                              allow_custom_value=True, label="Training pairs (n_train)")
+    with gr.Row():
+        context = gr.Radio(["none", "gold", "retrieved"], value=defaults.context,
+                           label="Context in training prompts")
+        pipeline = gr.Dropdown(pspec.list_specs(), value=None, allow_custom_value=True,
+                               label="Pipeline (template; retriever for 'retrieved')")
+        name = gr.Textbox("", label="Adapter name (empty: derived from the spec)")
+    with gr.Accordion("LoRA and optimisation", open=False):
+        with gr.Row():
+            lora_r = gr.Number(defaults.lora_r, precision=0, label="LoRA r")
+            lora_alpha = gr.Number(defaults.lora_alpha, label="alpha")
+            lora_dropout = gr.Number(defaults.lora_dropout, label="dropout")
+            target_modules = gr.Textbox(",".join(defaults.target_modules), label="Target modules")
+            qlora = gr.Checkbox(defaults.qlora, label="QLoRA 4-bit (CUDA only)")
+        with gr.Row():
+            epochs = gr.Number(defaults.epochs, precision=0, label="Epochs")
+            lr = gr.Number(defaults.lr, label="Learning rate")
+            lr_schedule = gr.Radio(["cosine", "linear", "constant"], value=defaults.lr_schedule,
+                                   label="Schedule")
+            warmup_ratio = gr.Number(defaults.warmup_ratio, label="Warm-up ratio")
+        with gr.Row():
+            micro_batch_size = gr.Number(defaults.micro_batch_size, precision=0, label="Micro batch")
+            grad_accum = gr.Number(defaults.grad_accum, precision=0, label="Grad accumulation")
+            max_length = gr.Number(defaults.max_length, precision=0, label="Max length (tokens)")
+            seed = gr.Number(defaults.seed, precision=0, label="Seed")
+        with gr.Row():
+            val_size = gr.Number(defaults.val_size, precision=0, label="Validation examples")
+            val_every = gr.Number(defaults.val_every, precision=0, label="Validate every (steps)")
+            checkpoint_every = gr.Number(defaults.checkpoint_every, precision=0,
+                                         label="Checkpoint every (steps)")
+    form = [base_model, dataset, source, n_train, context, pipeline, lora_r, lora_alpha,
+            lora_dropout, target_modules, qlora, epochs, lr, lr_schedule, warmup_ratio,
+            micro_batch_size, grad_accum, max_length, seed, val_size, val_every, checkpoint_every,
+            name]
+    with gr.Row():
+        start = gr.Button("Start fine-tuning", variant="primary")
+        cancel = gr.Button("Cancel", variant="stop")
+        resume = gr.Button("Resume")
+    job_id = gr.Textbox(label="Job", interactive=True)
+    status = gr.Markdown()
+    chart = gr.LinePlot(x="step", y="loss", color="curve", label="Loss (answer tokens)",
+                        height=260)
+
+    gr.Markdown("### Adapters")
+    adapters = gr.Dataframe(value=lambda: adapters_table(services), interactive=False, wrap=True)
+    with gr.Row():
+        adapter = gr.Dropdown([], label="Adapter", allow_custom_value=True)
+        new_name = gr.Textbox(label="New name")
+        rename = gr.Button("Rename")
+        delete = gr.Button("Delete", variant="stop")
+        download = gr.Button("Download zip")
+    zip_file = gr.File(label="Zip", interactive=False)
+    with gr.Row():
+        import_source = gr.Textbox(label="Load an adapter: folder or Hub id")
+        import_btn = gr.Button("Load adapter")
+        repo_id = gr.Textbox(label="Push to Hub repo (owner/name)")
+        hf_token = gr.Textbox(label="HF token (this request only)", type="password")
+        push = gr.Button("Push to Hub")
+    adapter_status = gr.Markdown()
+    details = gr.JSON(label="Spec and metrics")
+
+    @user_errors
+    def do_start(*values):
+        spec = spec_from_form(values)
+        jid = services.runner.start("finetune", spec.to_dict())
+        return jid, f"Started `{jid}` → adapter **{spec.output_name}**."
+
+    def poll(jid):
+        jid = (jid or "").strip()
+        if not jid:
+            return gr.update(), gr.update()
+        job = services.store.get_job(jid)
+        if job is None:
+            return f"No job `{jid}`.", gr.update()
+        eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
+        text = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"
+        if job["error"]:
+            text += f"\n\n{job['error']}"
+        return text, loss_frame(services.runner.metrics(jid))
+
+    @user_errors
+    def do_cancel(jid):
+        services.runner.cancel((jid or "").strip())
+        return "Cancel requested; the last checkpoint is kept for a resume."
+
+    @user_errors
+    def do_resume(jid):
+        services.runner.resume((jid or "").strip())
+        return "Resuming from the last checkpoint."
+
+    def adapter_choices():
+        return gr.update(choices=[a["name"] for a in services.store.list_adapters()])
+
+    def show_adapter(name):
+        row = next((a for a in services.store.list_adapters() if a["name"] == name), None)
+        return {"spec": row["spec"], "metrics": row["metrics"], "path": row["path"]} if row else None
+
+    @user_errors
+    def do_rename(old, new):
+        services.rename_adapter(old, new)
+        return adapters_table(services), f"Renamed `{old}` to `{new}`."
+
+    @user_errors
+    def do_delete(name_value):
+        services.delete_adapter(name_value)
+        return adapters_table(services), f"Deleted `{name_value}`."
+
+    @user_errors
+    def do_zip(name_value):
+        return str(services.zip_adapter(name_value))
+
+    @user_errors
+    def do_import(src, model_ref):
+        loaded = services.import_adapter(src, model_ref or config.DEFAULT_CHAT_MODEL)
+        return adapters_table(services), f"Loaded adapter `{loaded}`."
+
+    @user_errors
+    def do_push(name_value, repo, token):
+        return f"Pushed: {services.push_adapter(name_value, repo, token)}"
+
+    cpu.click(lambda: form_values(FinetuneSpec.cpu_preset()), outputs=form, api_name=False)
+    study.click(lambda: form_values(FinetuneSpec()), outputs=form, api_name=False)
+    start.click(do_start, inputs=form, outputs=[job_id, status], api_name="start_finetune")
+    cancel.click(do_cancel, inputs=job_id, outputs=status, api_name="cancel_finetune")
+    resume.click(do_resume, inputs=job_id, outputs=status, api_name="resume_finetune")
+    job_id.change(poll, inputs=job_id, outputs=[status, chart], api_name="finetune_status")
+    gr.Timer(2.0).tick(poll, inputs=job_id, outputs=[status, chart], api_name=False,
+                       show_progress="hidden")
+    gr.Timer(5.0).tick(lambda: adapters_table(services), outputs=adapters, api_name=False,
+                       show_progress="hidden")
+    def pick(evt: gr.SelectData):
+        return evt.row_value[0] if evt.row_value else None
+
+    adapters.select(pick, outputs=adapter, api_name=False)
+    adapter.focus(adapter_choices, outputs=adapter, api_name=False)
+    adapter.change(show_adapter, inputs=adapter, outputs=details, api_name="adapter_details")
+    rename.click(do_rename, inputs=[adapter, new_name], outputs=[adapters, adapter_status],
+                 api_name="rename_adapter")
+    delete.click(do_delete, inputs=adapter, outputs=[adapters, adapter_status],
+                 api_name="delete_adapter")
+    download.click(do_zip, inputs=adapter, outputs=zip_file, api_name="download_adapter")
+    import_btn.click(do_import, inputs=[import_source, base_model],
+                     outputs=[adapters, adapter_status], api_name="load_adapter")
+    push.click(do_push, inputs=[adapter, repo_id, hf_token], outputs=adapter_status,
+               api_name="push_adapter")
+    pipeline.focus(lambda: gr.update(choices=pspec.list_specs()), outputs=pipeline,
+                   api_name=False)
