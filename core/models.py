@@ -204,8 +204,8 @@ def _load_model(resolved: ResolvedModel) -> LoadedModel:
                                     "its base model and attach the folder as an adapter.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True)
     except OSError as err:
         if resolved.kind == "hub":
             raise ModelNotFoundError(
@@ -216,6 +216,9 @@ def _load_model(resolved: ResolvedModel) -> LoadedModel:
     except ValueError as err:
         raise UnsupportedModelError(f"Model '{resolved.ref}' is not a text-generation model "
                                     f"this app can load ({err}).") from err
+    if info["missing_keys"] or info["mismatched_keys"]:  # e.g. an embedder: its LM head would be random
+        raise UnsupportedModelError(f"Model '{resolved.ref}' is not a text-generation model: its "
+                                    "weights have no language-model head.")
     tokenizer.padding_side = "left"  # generation continues from the right edge of every row
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -475,13 +478,13 @@ class ModelHub:
     def load_adapter(self, model_ref: str, source: str, name: str | None = None) -> str:
         """Attach a LoRA adapter (folder or hub id) under `name` (default: the folder's name).
         Loading the same unchanged folder again is a no-op; a changed folder is reloaded."""
-        entry = self.load(model_ref)
         folder = _adapter_folder(source)
         name = name or _default_adapter_name(folder)
         if name == BASE or not _ADAPTER_NAME.match(name):
             raise AdapterError(f"Adapter name '{name}' is not allowed: use 1-64 letters, digits, "
                                f"'_' or '-', and not '{BASE}'.")
         fingerprint = _fingerprint(folder)
+        entry = self.load(model_ref)
         with entry.lock:
             if entry.adapters.get(name) != fingerprint:
                 try:
