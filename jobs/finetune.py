@@ -61,6 +61,7 @@ def adapter_dir(name: str) -> Path:
 @dataclass
 class TrainData:
     sample: Sample
+    train_messages: list[list[dict[str, str]]]  # the chat prompts of sample.train
     train: list[Encoded]
     val: list[Encoded]
     truncated_answers: int
@@ -94,7 +95,7 @@ def prepare_data(spec: FinetuneSpec, tokenizer: Any, log: Any) -> TrainData:
     if truncated:
         log(f"warning: {truncated} answers were cut to fit max_length={spec.max_length}")
     n = len(sample.train)
-    return TrainData(sample, encoded[:n], encoded[n:], truncated, prompt_lengths[longest])
+    return TrainData(sample, messages[:n], encoded[:n], encoded[n:], truncated, prompt_lengths[longest])
 
 
 # ---------------------------------------------------------------- model
@@ -193,6 +194,7 @@ class TrainState:
     train: list[dict[str, float]] = field(default_factory=list)  # {step, loss} per optimizer step
     val: list[dict[str, float]] = field(default_factory=list)
     train_tokens: int = 0  # non-padding tokens through forward+backward
+    step_times: list[dict[str, float]] = field(default_factory=list)  # {step, tokens, seconds}
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     resumed_from: list[int] = field(default_factory=list)
@@ -276,10 +278,11 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
     from transformers import get_scheduler
 
     started = time.perf_counter()
-    reporter = reporter or Reporter()
     spec.validate()
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     main_process = accelerator.is_main_process
+    # Several processes train together; only the main one reports and writes files.
+    reporter = (reporter or Reporter()) if main_process else SilentReporter()
 
     def log(line: str) -> None:
         if main_process:
@@ -288,11 +291,14 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
     folder, has_previous = prepare_folder(spec, resume)
     if has_previous and (folder / "metrics.json").is_file():
         log(f"'{spec.output_name}' already finished; nothing to resume")
-        return result_of(spec, folder, read_json(folder / "metrics.json"))
+        result = result_of(spec, folder, read_json(folder / "metrics.json"))
+        reporter.result(result)
+        return result
 
     reporter.progress(0.0, "loading tokenizer and data")
     tokenizer, path = load_tokenizer(spec.base_model)
     data = prepare_data(spec, tokenizer, log)
+    accelerator.wait_for_everyone()  # every process has checked the folder before it is written
     if main_process:
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "spec.json", spec.to_dict())
@@ -346,14 +352,17 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
             with (nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
                 loss = answer_loss_sum(model, batch)
                 accelerator.backward(loss / step_tokens)
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         accelerator.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        state.train_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        state.train_seconds += seconds
         state.train_tokens += tokens * accelerator.num_processes
+        state.step_times.append({"step": step + 1, "tokens": tokens * accelerator.num_processes,
+                                 "seconds": round(seconds, 4)})
         state.step = step + 1
         loss_mean = accelerator.reduce(torch.tensor(loss_sum / step_tokens, device=accelerator.device), "mean")
         state.train.append({"step": state.step, "loss": round(float(loss_mean), 5)})
@@ -376,6 +385,16 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
     return result
 
 
+class SilentReporter(Reporter):
+    """For the processes other than the main one, and for callers that want no output."""
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        pass
+
+    def result(self, result: dict[str, Any]) -> None:
+        pass
+
+
 def step_message(state: TrainState, total_steps: int) -> str:
     val = state.val[-1]["loss"] if state.val and state.val[-1]["loss"] is not None else None
     speed = state.train_tokens / state.train_seconds if state.train_seconds else 0.0
@@ -396,6 +415,7 @@ def final_metrics(spec: FinetuneSpec, data: TrainData, state: TrainState, total_
         "train_tokens": state.train_tokens,
         "train_tokens_per_s": round(state.train_tokens / state.train_seconds, 2) if state.train_seconds else None,
         "train_seconds": round(state.train_seconds, 2), "wall_seconds": round(state.wall_seconds, 2),
+        "step_times": state.step_times,
         "truncated_answers": data.truncated_answers, "longest_prompt_tokens": data.longest_prompt,
         "resumed_from": state.resumed_from,
     }
