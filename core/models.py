@@ -543,7 +543,8 @@ class ModelHub:
         with entry.lock, torch.inference_mode():
             names = self._adapter_names(entry, [adapter])
             kwargs = {"adapter_names": names} if names else {}
-            logits = entry.model(input_ids=input_ids, **kwargs).logits[0]
+            # Only the last two positions are read: skip the vocabulary projection for the rest.
+            logits = entry.model(input_ids=input_ids, logits_to_keep=2, **kwargs).logits[0]
         now = torch.softmax(logits[-2 if space is not None else -1].double(), dim=-1)
         after_space = torch.softmax(logits[-1].double(), dim=-1)
         scores = {}

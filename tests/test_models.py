@@ -218,6 +218,8 @@ def test_adapter_loading_is_idempotent_and_unknown_names_are_refused(hub, adapte
     assert hub.list_adapters(SMOLLM2) == before == ["a1", "a2", "a3", "a4", "a5"]
     with pytest.raises(AdapterError, match="nope.*not attached"):
         hub.generate(SMOLLM2, [EIFFEL], ["nope"], SHORT)
+    with pytest.raises(AdapterError, match="nope.*not attached"):
+        list(hub.stream(SMOLLM2, [EIFFEL], ["nope"], SHORT))
 
 
 @pytest.mark.integration
