@@ -88,3 +88,85 @@ def test_jobs_panel_shows_the_warm_up_job(client):
     assert "ready" in client.predict(prepare[0]["id"], api_name="/job_log")
     with pytest.raises(Exception, match="already ended"):
         client.predict(prepare[0]["id"], api_name="/cancel_job")
+
+
+# ---------------------------------------------------------------- RAG and compare through the API
+
+SPEC = ["app-nq", "word", 150, 20, "all-minilm-l6-v2", "bm25", 3, ""]
+
+
+@pytest.fixture(scope="module")
+def template():
+    from pipelines.spec import DEFAULT_TEMPLATE
+    return DEFAULT_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def built_index(client, template):
+    status, saved, graph = client.predict("sample:nq", [], *SPEC, template, api_name="/build_index")
+    assert "52 passages" in status and "flowchart" in graph
+    return "app-nq"
+
+
+def test_retrieve_and_retrieval_quality(client, built_index, template):
+    chunks = client.predict("who wrote the novel frankenstein", *SPEC, template,
+                            api_name="/retrieve")
+    assert "Frankenstein" in chunks["data"][0][4]
+    table, plot = client.predict("sample:nq", *SPEC, template, api_name="/retrieval_quality")
+    rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
+    # Measured on the shipped NQ sample: BM25 puts the gold passage first for nearly every question.
+    assert rows[3]["hit_rate"] >= 0.9 and rows[1]["mrr"] <= rows[3]["mrr"]
+
+
+@pytest.fixture(scope="module")
+def app_adapters(client, tmp_path_factory):
+    from tests.servers import make_lora_adapters
+    folders = make_lora_adapters(tmp_path_factory.mktemp("app-adapters"), ["appA", "appB", "appC"])
+    for name, folder in folders.items():
+        table, status = client.predict(str(folder), "smollm2-135m-instruct",
+                                       api_name="/load_adapter")
+        assert name in status
+    return list(folders)
+
+
+def rows_for(*systems):
+    rows = [v for name, rag in systems for v in (name, rag)]
+    return rows + ["(off)", False] * (6 - len(systems))
+
+
+def test_compare_base_and_adapter_columns_through_the_api(client, built_index, app_adapters):
+    q = "who wrote the novel frankenstein"
+    base_only = compare(client, q, rows=rows_for(("base", False)), max_tokens=12)
+    out = client.predict(q, "smollm2-135m-instruct", built_index, "", "", "", 12, 0.0, 1.0, 0,
+                         *rows_for(("base", False), ("appA", False), ("base", True),
+                                   ("appA", True)), api_name="/compare")
+    chunks, answers = out[0], out[1:7]
+    assert chunks["visible"] and "Frankenstein" in chunks["value"]["data"][0][4]
+    assert answers[0]["value"] == base_only[1]["value"]
+    assert answers[1]["value"] != answers[0]["value"]
+    assert answers[3]["value"] != answers[2]["value"]
+    assert "appA · RAG" in answers[3]["label"]
+    assert "Vote recorded" in client.predict(1, 2, api_name="/vote_tie")
+
+
+def test_preset_2x2_fills_the_four_systems(client, built_index, app_adapters):
+    values = client.predict("smollm2-135m-instruct", built_index, api_name="/preset_2x2")
+    assert list(values[:8]) == ["base", False, "base", True, "appA", False, "appA", True]
+
+
+def test_concurrent_clients_never_get_another_clients_adapter(client, app_adapters):
+    from concurrent.futures import ThreadPoolExecutor
+    url = client.src
+    q = "Name three colours."
+    choices = ["base", *app_adapters]
+    alone = {c: compare(client, q, rows=rows_for((c, False)), max_tokens=10)[1]["value"]
+             for c in choices}
+    assert len(set(alone.values())) == len(choices), "the adapters must answer differently"
+
+    def ask(choice):
+        return choice, compare(Client(url, verbose=False), q, rows=rows_for((choice, False)),
+                               max_tokens=10)[1]["value"]
+
+    with ThreadPoolExecutor(len(choices) * 2) as pool:
+        results = list(pool.map(ask, choices * 2))
+    assert all(text == alone[choice] for choice, text in results), results

@@ -43,7 +43,8 @@ def build(services: Services) -> None:
         for i in range(MAX_SYSTEMS):
             with gr.Column(min_width=140):
                 choice = gr.Dropdown(system_choices(services, config.DEFAULT_CHAT_MODEL),
-                                     value="base" if i == 0 else NONE, label=f"System {i + 1}")
+                                     value="base" if i == 0 else NONE, label=f"System {i + 1}",
+                                     allow_custom_value=True)  # adapters trained later
                 rag = gr.Checkbox(value=False, label="RAG")
                 rows.append((choice, rag))
     with gr.Accordion("OpenAI-compatible endpoint", open=False):
