@@ -143,8 +143,8 @@ def main() -> None:
     os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="bench-finetune-")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from jobs.finetune import load_tokenizer, prepare_data
-    from jobs.finetune_data import FinetuneSpec
+    from jobs.finetune import load_tokenizer
+    from jobs.finetune_data import FinetuneSpec, prepare_data
 
     spec = replace(FinetuneSpec.cpu_preset(), n_train=args.steps * 8, val_size=0, name="bench",
                    val_every=10_000, checkpoint_every=10_000)

@@ -20,14 +20,13 @@ records the adapter from the Reporter result.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +34,12 @@ from core import config
 from core.datasets import DatasetError
 from core.schema import InputError
 from jobs.finetune_data import (
-    Encoded, FinetuneError, FinetuneSpec, Sample, collate, draw_sample, encode, end_of_turn,
-    load_dataset, n_logits, plan_epoch, prompt_messages, read_json, steps_per_epoch,
+    Encoded, FinetuneError, FinetuneSpec, TrainData, build_parser, collate, n_logits, plan_epoch,
+    prepare_data, read_json, spec_from_args, steps_per_epoch,
 )
 from jobs.runner import Reporter
 
-__all__ = ["FinetuneSpec", "FinetuneError", "finetune_argv", "train", "adapter_dir", "main"]
+__all__ = ["FinetuneSpec", "FinetuneError", "SilentReporter", "finetune_argv", "train", "adapter_dir", "main"]
 
 CHECKPOINTS_KEPT = 2
 
@@ -53,49 +52,6 @@ def finetune_argv(spec: dict[str, Any], resume: bool) -> list[str]:
 
 def adapter_dir(name: str) -> Path:
     return config.subdir("adapters") / name
-
-
-# ---------------------------------------------------------------- data
-
-
-@dataclass
-class TrainData:
-    sample: Sample
-    train_messages: list[list[dict[str, str]]]  # the chat prompts of sample.train
-    train: list[Encoded]
-    val: list[Encoded]
-    truncated_answers: int
-    longest_prompt: int
-
-
-def prepare_data(spec: FinetuneSpec, tokenizer: Any, log: Any) -> TrainData:
-    """Sample, prompts, tokens; every user-fixable problem is raised here, before the model loads."""
-    dataset = load_dataset(spec)
-    sample = draw_sample(spec, dataset)
-    log(f"{dataset.source}: train split {sample.train_split_size}, eval split {sample.eval_split_size} "
-        f"(never trained on); training on {len(sample.train)}, validating on {len(sample.val)}")
-    examples = sample.train + sample.val
-    messages = prompt_messages(spec, examples, dataset,
-                               progress=lambda done, total: log(f"prompts built: {done}/{total}"))
-    from core.models import _chat_text  # the exact prompt text ModelHub generates from
-
-    prompts = [_chat_text(tokenizer, m) for m in messages]
-    eot = end_of_turn(tokenizer)
-    encoded = [encode(tokenizer, p, ex.answer, eot, spec.max_length) for p, ex in zip(prompts, examples)]
-    prompt_lengths = [len(e.input_ids) - e.n_answer for e in encoded]
-    longest = max(range(len(encoded)), key=prompt_lengths.__getitem__)
-    if prompt_lengths[longest] >= spec.max_length:
-        need = prompt_lengths[longest] + 1
-        raise FinetuneError(
-            f"max_length={spec.max_length} is too short: the prompt of example {examples[longest].id} "
-            f"alone is {prompt_lengths[longest]} tokens, so no answer token would fit "
-            f"({need - spec.max_length} short). Raise max_length to at least {need}, more to fit whole "
-            f"answers, or use context 'none' or fewer passages.")
-    truncated = sum(e.truncated for e in encoded)
-    if truncated:
-        log(f"warning: {truncated} answers were cut to fit max_length={spec.max_length}")
-    n = len(sample.train)
-    return TrainData(sample, messages[:n], encoded[:n], encoded[n:], truncated, prompt_lengths[longest])
 
 
 # ---------------------------------------------------------------- model
@@ -432,74 +388,6 @@ def result_of(spec: FinetuneSpec, folder: Path, metrics: dict[str, Any]) -> dict
 
 
 # ---------------------------------------------------------------- CLI
-
-_HELP = {
-    "base_model": "model alias, local folder or hub id",
-    "dataset": "preset (bioasq, qasper, nq) or the path of a .jsonl/.json/.csv/.parquet file",
-    "source": "for presets: 'sample' (shipped, offline) or 'hub'",
-    "n_train": "training examples, sampled with --seed from the train split only",
-    "context": "what training prompts carry: none | gold (gold passages) | retrieved (by --pipeline)",
-    "pipeline": "saved pipeline whose prompt template (and, for 'retrieved', retriever) is used",
-    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout, in [0, 1)",
-    "target_modules": "comma-separated module names LoRA adapts",
-    "qlora": "4-bit base weights (needs CUDA and bitsandbytes)",
-    "epochs": "passes over the training examples", "lr": "peak learning rate (at most 1e-2)",
-    "lr_schedule": "cosine | linear | constant (all after a linear warm-up)",
-    "warmup_ratio": "share of the steps spent warming up",
-    "micro_batch_size": "examples per forward pass", "grad_accum": "micro-batches per optimizer step",
-    "max_length": "tokens per example; must exceed the longest prompt",
-    "max_grad_norm": "gradient clipping norm", "seed": "sampling, shuffling and dropout seed",
-    "split_seed": "seed of the train/eval split (keep it equal to evaluation's)",
-    "eval_fraction": "share of examples in the eval split (never trained on)",
-    "val_size": "train-split examples held out for the validation loss",
-    "val_every": "optimizer steps between validation losses",
-    "checkpoint_every": "optimizer steps between checkpoints",
-    "name": "adapter folder name (default: derived from the spec)",
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.finetune", description="Fine-tune a LoRA adapter on QA pairs "
-        "(loss on the answer tokens only). Settings: --spec-json, then the flags given, override "
-        "the defaults (or --cpu-preset).")
-    parser.add_argument("--spec-json", help="the whole spec as a JSON object, or a .json file holding one")
-    parser.add_argument("--cpu-preset", action="store_true",
-                        help="start from the small CPU preset instead of the study's defaults: "
-                        "nq sample, gold context, n_train 32, 1 epoch, micro batch 4 x 2, max_length "
-                        "384, r 8")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    defaults = FinetuneSpec()
-    for f in fields(FinetuneSpec):
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{_HELP[f.name]} (default: {default})")
-        else:
-            kind = str if isinstance(default, list) else type(default)
-            shown = ",".join(default) if isinstance(default, list) else default
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=_HELP[f.name] + (f" (default: {shown})" if shown != "" else ""))
-    return parser
-
-
-def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
-    values = FinetuneSpec.cpu_preset().to_dict() if args.cpu_preset else {}
-    if args.spec_json:
-        text = args.spec_json
-        if not text.lstrip().startswith("{"):
-            if not Path(text).is_file():
-                raise FinetuneError(f"--spec-json: {text} is neither a JSON object nor a file.")
-            text = Path(text).read_text(encoding="utf-8")
-        try:
-            values.update(json.loads(text))
-        except json.JSONDecodeError as err:
-            raise FinetuneError(f"--spec-json is not valid JSON: {err.msg} (column {err.colno}).") from err
-    names = {f.name for f in fields(FinetuneSpec)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return FinetuneSpec.from_dict(values)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

@@ -17,10 +17,11 @@ from core.datasets import DatasetError, load_preset
 from core.models import BASE, GenParams, ModelNotFoundError, get_hub
 from core.schema import split_of
 from core.store import Store
-from jobs.finetune import adapter_dir, finetune_argv, load_tokenizer, prepare_data, train
+from jobs.finetune import adapter_dir, finetune_argv, load_tokenizer, train
 from jobs.runner import JobKind, JobRunner
 from jobs.finetune_data import (
     IGNORE, FinetuneError, FinetuneSpec, collate, draw_sample, encode, end_of_turn, n_logits, plan_epoch,
+    prepare_data,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -273,3 +274,23 @@ def test_resume_after_sigkill_continues_step_count_and_loss_history(tmp_path):
     assert [p["step"] for p in metrics["train_loss"]] == [1, 2, 3, 4]
     assert metrics["train_loss"][:done] == state["train"]  # history kept, not restarted
     assert [p["step"] for p in metrics["val_loss"]] == [0, 2, 4]
+
+
+@pytest.mark.integration
+def test_retrieved_context_comes_from_the_saved_pipeline():
+    from pipelines.indexing import build_index  # haystack: a heavy import the fast tests skip
+    from pipelines.spec import PipelineSpec, save_spec
+
+    dataset = load_preset("nq")
+    pipeline = PipelineSpec(name="ft-bm25", retriever="bm25", top_k=2)
+    save_spec(pipeline)
+    build_index(pipeline, dataset.corpus)
+    tokenizer, _ = load_tokenizer(MODEL)
+    spec = tiny_spec(context="retrieved", pipeline="ft-bm25", max_length=1024)
+    data = prepare_data(spec, tokenizer, log=lambda line: None)
+    for messages, example in zip(data.train_messages, data.sample.train):
+        user = next(m["content"] for m in messages if m["role"] == "user")
+        assert example.question in user and "[1]" in user and "[2]" in user and "[3]" not in user
+    # BM25 on these questions finds the gold passage for most of them.
+    found = sum(ex.contexts[0][:60] in str(m) for m, ex in zip(data.train_messages, data.sample.train))
+    assert found >= len(data.sample.train) // 2
