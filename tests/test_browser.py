@@ -24,16 +24,22 @@ def page(tmp_path_factory):
             browser.close()
 
 
-def test_type_a_question_click_compare_and_see_the_answer(page):
+def test_type_a_question_click_compare_and_see_both_columns_fill(page):
     page.get_by_role("tab", name="Compare").click()
-    page.get_by_label("Question").fill(
+    page.get_by_label("Question", exact=True).fill(
         "Context: The Eiffel Tower was completed in 1889.\nQuestion: When was it completed?")
-    page.get_by_role("button", name="Compare").click()
-    answer = page.get_by_label("Answer")
-    page.wait_for_function(
-        "el => el.value && el.value.length > 0", arg=answer.element_handle(), timeout=120_000)
-    page.get_by_text("tokens/s").wait_for(timeout=120_000)
-    assert "1889" in answer.input_value()
+    page.get_by_label("System 2").click()
+    page.get_by_role("option", name="base", exact=True).click()
+    page.get_by_role("button", name="Compare", exact=True).click()
+    first = page.get_by_label("1. smollm2-135m-instruct (base) · no RAG")
+    second = page.get_by_label("2. smollm2-135m-instruct (base) · no RAG")
+    for box in (first, second):
+        page.wait_for_function("el => el.value && el.value.length > 0",
+                               arg=box.element_handle(timeout=120_000), timeout=120_000)
+    page.get_by_text("tokens/s").first.wait_for(timeout=120_000)
+    assert "1889" in first.input_value()
+    assert first.input_value() == second.input_value(), "same system, same greedy answer"
+    assert page.get_by_role("button", name="tie").is_enabled()
 
 
 def test_load_a_sample_and_see_the_preview(page):
@@ -41,3 +47,16 @@ def test_load_a_sample_and_see_the_preview(page):
     page.get_by_role("button", name="Load dataset").click()
     page.get_by_text("QA examples").wait_for(timeout=60_000)
     assert page.get_by_text("train").first.is_visible()
+
+
+def test_build_an_index_retrieve_and_see_the_graph(page):
+    page.get_by_role("tab", name="RAG").click()
+    page.get_by_label("bm25").check()
+    page.get_by_role("button", name="Build index").click()
+    page.get_by_text("built:").wait_for(timeout=180_000)
+    page.get_by_label("Try a query").fill("Which gene is mutated in cystic fibrosis?")
+    page.get_by_role("button", name="Retrieve", exact=True).click()
+    page.get_by_text("CFTR").first.wait_for(timeout=60_000)
+    # The Mermaid graph is rendered in the page (an SVG), not left as text.
+    graph = page.wait_for_selector("svg[id^='mermaid']", state="attached", timeout=30_000)
+    assert "bm25_retriever" in graph.inner_html()
