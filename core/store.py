@@ -25,6 +25,10 @@ class StoreLockedError(RuntimeError):
     """Another process holds the database file read-write."""
 
 
+class ReadOnlyQueryError(ValueError):
+    """A query for the read-only SQL box that is not a single SELECT, or that failed."""
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
@@ -208,6 +212,193 @@ class Store:
 
     def delete_adapter(self, name: str) -> None:
         self.execute("DELETE FROM adapters WHERE name = ?", [name])
+
+    # -- evaluation -------------------------------------------------------------------------
+    # G-Eval runs (jobs/evaluate.py), their answers and judgments, the steps cache (core/geval.py),
+    # exports, and the read-only SQL box. Keys: answers (run_id, example_id, system); judgments
+    # (run_id, example_id, system, metric, repeat); inserts never overwrite, so a resumed run
+    # cannot duplicate or change finished work.
+    def get_geval_steps(self, metric: str, judge: str, criteria_hash: str) -> str | None:
+        rows = self.query("SELECT steps FROM geval_steps WHERE metric = ? AND judge = ? AND "
+                          "criteria_hash = ?", [metric, judge, criteria_hash])
+        return rows[0]["steps"] if rows else None
+
+    def save_geval_steps(self, metric: str, judge: str, criteria_hash: str, steps: str,
+                         source: str) -> None:
+        self.execute(
+            "INSERT INTO geval_steps (metric, judge, criteria_hash, steps, source, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (metric, judge, criteria_hash) DO UPDATE SET "
+            "steps = excluded.steps, source = excluded.source, created_at = excluded.created_at",
+            [metric, judge, criteria_hash, steps, source, now()])
+
+    def list_geval_steps(self) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM geval_steps ORDER BY metric, judge, created_at DESC")
+
+    def create_eval_run(self, run_id: str, job_id: str | None, name: str, dataset_id: str,
+                        spec: dict[str, Any]) -> dict[str, Any]:
+        """Insert the run unless it exists; returns the stored row (a resume gets the original)."""
+        self.execute(
+            "INSERT INTO eval_runs (id, job_id, name, dataset_id, spec, status, created_at, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, 'running', ?, ?) ON CONFLICT (id) DO NOTHING",
+            [run_id, job_id, name, dataset_id, json.dumps(spec), now(), now()])
+        return self.get_eval_run(run_id)
+
+    def get_eval_run(self, run_id: str) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM eval_runs WHERE id = ?", [run_id])
+        return _decode_json(rows[0], ("spec",)) if rows else None
+
+    def set_eval_run_status(self, run_id: str, status: str) -> None:
+        self.execute("UPDATE eval_runs SET status = ?, updated_at = ? WHERE id = ?",
+                     [status, now(), run_id])
+
+    def list_eval_runs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first, with answer/judgment counts and the job's progress."""
+        rows = self.query(
+            "SELECT r.id, r.name, r.dataset_id, r.status, r.created_at, r.updated_at, r.spec, "
+            "j.progress, j.message, j.error, "
+            "(SELECT count(*) FROM answers a WHERE a.run_id = r.id) AS n_answers, "
+            "(SELECT count(*) FROM judgments g WHERE g.run_id = r.id) AS n_judgments "
+            "FROM eval_runs r LEFT JOIN jobs j ON j.id = r.job_id "
+            "ORDER BY r.created_at DESC LIMIT ?", [limit])
+        return [_decode_json(r, ("spec",)) for r in rows]
+
+    def delete_eval_run(self, run_id: str) -> None:
+        with self._write_lock:
+            cur = self._cursor()
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                for table, key in (("judgments", "run_id"), ("answers", "run_id"), ("eval_runs", "id")):
+                    cur.execute(f"DELETE FROM {table} WHERE {key} = ?", [run_id])
+                cur.execute("COMMIT")
+            except Exception:
+                cur.execute("ROLLBACK")
+                raise
+
+    def save_answer(self, run_id: str, example_id: str, system: str, answer: str, prompt: Any,
+                    retrieved: Any, prompt_tokens: int, new_tokens: int, seconds: float,
+                    error: str | None = None) -> None:
+        self.execute(
+            "INSERT INTO answers (run_id, example_id, system, answer, prompt, retrieved, "
+            "prompt_tokens, new_tokens, seconds, error, created_at) VALUES "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [run_id, example_id, system, answer, _json_or_null(prompt), _json_or_null(retrieved),
+             prompt_tokens, new_tokens, seconds, error, now()])
+
+    def answer_keys(self, run_id: str) -> set[tuple[str, str]]:
+        rows = self.query("SELECT example_id, system FROM answers WHERE run_id = ?", [run_id])
+        return {(r["example_id"], r["system"]) for r in rows}
+
+    def eval_answers(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.query("SELECT * FROM answers WHERE run_id = ? ORDER BY example_id, system",
+                          [run_id])
+        return [_decode_json(r, ("retrieved",)) for r in rows]
+
+    def save_judgment(self, run_id: str, example_id: str, system: str, repeat: int,
+                      judgment: dict[str, Any]) -> None:
+        """`judgment`: metric, method, judge, prompt_hash, raw, parsed_scores, distribution,
+        score, parse_failures, reasoning, mass (core.geval.Judgment.to_row())."""
+        j = judgment
+        self.execute(
+            "INSERT INTO judgments (run_id, example_id, system, metric, repeat, method, judge, "
+            "prompt_hash, raw, parsed_scores, distribution, score, parse_failures, reasoning, "
+            "mass, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            [run_id, example_id, system, j["metric"], repeat, j["method"], j["judge"],
+             j["prompt_hash"], _json_or_null(j["raw"]), _json_or_null(j["parsed_scores"]),
+             _json_or_null(j["distribution"]), j["score"], j["parse_failures"], j["reasoning"],
+             j["mass"], now()])
+
+    def judgment_keys(self, run_id: str) -> set[tuple[str, str, str, int]]:
+        rows = self.query("SELECT example_id, system, metric, repeat FROM judgments "
+                          "WHERE run_id = ?", [run_id])
+        return {(r["example_id"], r["system"], r["metric"], r["repeat"]) for r in rows}
+
+    def eval_judgments(self, run_id: str) -> list[dict[str, Any]]:
+        """Every judgment of a run (the input of core.evalstats.summarize)."""
+        rows = self.query("SELECT * FROM judgments WHERE run_id = ? ORDER BY system, metric, "
+                          "example_id, repeat", [run_id])
+        return [_decode_json(r, ("raw", "parsed_scores", "distribution")) for r in rows]
+
+    def eval_running_means(self, run_id: str) -> list[dict[str, Any]]:
+        """Mean over items of each item's mean score so far, per (system, metric); the same rule
+        as core.evalstats (parse failures left out)."""
+        return self.query(
+            "SELECT system, metric, avg(item_score) AS mean, count(*) AS n FROM ("
+            "SELECT system, metric, example_id, avg(score) AS item_score FROM judgments "
+            "WHERE run_id = ? AND score IS NOT NULL GROUP BY ALL) GROUP BY ALL "
+            "ORDER BY system, metric", [run_id])
+
+    def eval_items(self, run_id: str, system: str | None = None,
+                   metric: str | None = None) -> list[dict[str, Any]]:
+        """Drill-down: one row per (item, system, metric) with the question, reference answer,
+        the system's answer, the mean score over repeats, every repeat's score and failures."""
+        where, params = ["g.run_id = ?"], [run_id]
+        for column, value in (("g.system", system), ("g.metric", metric)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        return self.query(
+            "SELECT g.example_id, g.system, g.metric, e.question, e.answer AS reference, "
+            "a.answer, avg(g.score) AS score, list(g.score ORDER BY g.repeat) AS scores, "
+            "count(*) AS judgments, sum(g.parse_failures) AS parse_failures, "
+            "any_value(g.method) AS method, any_value(g.reasoning) AS reasoning "
+            "FROM judgments g JOIN eval_runs r ON r.id = g.run_id "
+            "LEFT JOIN answers a ON a.run_id = g.run_id AND a.example_id = g.example_id "
+            "AND a.system = g.system "
+            "LEFT JOIN examples e ON e.dataset_id = r.dataset_id AND e.id = g.example_id "
+            f"WHERE {' AND '.join(where)} "
+            "GROUP BY ALL ORDER BY g.system, g.metric, g.example_id", params)
+
+    def export_eval_run(self, run_id: str, folder: str | Path, fmt: str = "csv") -> list[Path]:
+        """Write the run's answers and judgments as <run>_answers.<fmt> and <run>_judgments.<fmt>."""
+        if fmt not in ("csv", "parquet"):
+            raise ValueError(f"Export format must be csv or parquet, not '{fmt}'.")
+        if self.get_eval_run(run_id) is None:
+            raise ValueError(f"No evaluation run with id '{run_id}'.")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for table in ("answers", "judgments"):
+            path = folder / f"{run_id}_{table}.{fmt}"
+            relation = self._cursor().sql(
+                f"SELECT * FROM {table} WHERE run_id = ? ORDER BY ALL", params=[run_id])
+            (relation.write_csv if fmt == "csv" else relation.write_parquet)(str(path))
+            paths.append(path)
+        return paths
+
+    def read_only_query(self, sql: str, limit: int = 1000) -> tuple[list[str], list[tuple]]:
+        """Run one SELECT for the SQL box: (column names, at most `limit` rows).
+
+        DuckDB's own parser classifies the statement; anything but a single SELECT is refused.
+        It runs on its own cursor inside a transaction that is rolled back, never committed.
+        """
+        try:
+            statements = duckdb.extract_statements(sql or "")
+        except duckdb.Error as exc:
+            raise ReadOnlyQueryError(f"The SQL does not parse: {exc}") from exc
+        if len(statements) != 1:
+            raise ReadOnlyQueryError(f"Give exactly one SELECT statement (got {len(statements)}).")
+        if statements[0].type != duckdb.StatementType.SELECT:
+            raise ReadOnlyQueryError(f"Only SELECT queries are allowed here, not "
+                                     f"{statements[0].type.name}: the SQL box is read-only.")
+        cur = self._conn.cursor()
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                result = cur.execute(sql)
+                names = [d[0] for d in result.description]
+                rows = result.fetchmany(limit)
+            except duckdb.Error as exc:
+                raise ReadOnlyQueryError(f"The query failed: {exc}") from exc
+            finally:
+                cur.execute("ROLLBACK")
+        finally:
+            cur.close()
+        return names, rows
+
+
+def _json_or_null(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
 
 
 def _decode_json(row: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from core.datasets import QADataset, load_preset
 from core.models import AdapterError, ModelHub, get_hub
 from core.schema import InputError, split_of
 from core.store import Store, get_store
+from jobs.evaluate import evaluation_job
 from jobs.finetune import adapter_dir, finetune_argv
 from jobs.runner import JobContext, JobKind, JobRunner, job_dir
 from pipelines import indexing, spec as pspec
@@ -221,6 +222,7 @@ def build_services(warm_up: bool = True) -> Services:
         "prepare": JobKind(thread=prepare_models),
         "index": JobKind(thread=services.run_indexing),
         "finetune": JobKind(argv=finetune_argv, on_done=services.record_adapter),
+        "evaluate": JobKind(thread=lambda ctx: evaluation_job(ctx, services)),
     })
     if warm_up:
         services.runner.start("prepare", {"model": config.DEFAULT_CHAT_MODEL})
