@@ -46,9 +46,10 @@ def make_lora_adapters(root: Path, names: list[str], hidden_override: dict | Non
 
 
 @contextmanager
-def served_model(timeout: float = 180) -> Iterator[tuple[str, str]]:
-    """Yields (base_url ending in /v1, served model name)."""
-    port = free_port()
+def served_model(timeout: float = 180, port: int | None = None) -> Iterator[tuple[str, str]]:
+    """Yields (base_url ending in /v1, served model name). `port` lets a test bring a server up
+    where a job once found none (a failed run that resumes)."""
+    port = port or free_port()
     folder = model_path(SMOLLM2)
     cli = Path(sys.executable).parent / "transformers"
     server = subprocess.Popen([str(cli), "serve", folder, "--port", str(port)],

@@ -5,34 +5,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 from core.config import models_dir
 from core.models import (BASE, MINILM, SMOLLM2, AdapterError, GenParams, ModelHub,
-                         ModelNotFoundError, UnsupportedModelError, _ensure_converted, model_path,
-                         resolve)
+                         ModelNotFoundError, UnsupportedModelError, _ensure_converted, resolve)
 from core.openai_backend import (BackendRequestError, BackendUnreachableError, MissingApiKeyError,
                                  OpenAIBackend)
+from tests import servers
+from tests.servers import free_port, make_lora_adapters
 
 EIFFEL = ("Answer the question using the context.\n\nContext: The Eiffel Tower is a wrought-iron "
           "lattice tower in Paris. It was completed in 1889 for the World's Fair.\n\n"
           "Question: When was the Eiffel Tower completed?")
 SHORT = GenParams(max_new_tokens=12)  # enough for answers to differ between adapters
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- resolution (no model)
@@ -137,7 +126,7 @@ def test_openai_without_key_is_refused(monkeypatch):
 
 
 def test_unreachable_server_names_the_url():
-    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     backend = OpenAIBackend(url, None, "m", timeout=5, max_retries=0)
     with pytest.raises(BackendUnreachableError, match=url):
         backend.generate(["hi"])
@@ -148,26 +137,6 @@ def test_unreachable_server_names_the_url():
 
 
 # ---------------------------------------------------------------- the real 135M model
-
-
-def _make_adapters(root: Path, names: list[str], hidden_override: dict | None = None) -> dict[str, Path]:
-    """Real random-init LoRA folders (init_lora_weights=False, so they change the answers)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    if hidden_override:
-        base = AutoModelForCausalLM.from_config(LlamaConfig(**hidden_override))
-    else:
-        base = AutoModelForCausalLM.from_pretrained(model_path(SMOLLM2), dtype=torch.float32)
-    folders = {}
-    for seed, name in enumerate(names):
-        torch.manual_seed(1000 + seed)
-        peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                     init_lora_weights=False))
-        folders[name] = root / name
-        peft_model.save_pretrained(folders[name])
-        base = peft_model.unload()
-    return folders
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +164,7 @@ def test_greedy_answer_uses_the_context(hub):
 
 @pytest.fixture(scope="module")
 def adapters(hub, plain_answer, tmp_path_factory) -> dict[str, Path]:
-    folders = _make_adapters(tmp_path_factory.mktemp("adapters"), ["a1", "a2", "a3", "a4", "a5"])
+    folders = make_lora_adapters(tmp_path_factory.mktemp("adapters"), ["a1", "a2", "a3", "a4", "a5"])
     for name, folder in folders.items():
         assert hub.load_adapter(SMOLLM2, str(folder), name=name) == name
     return folders
@@ -224,10 +193,10 @@ def test_adapter_loading_is_idempotent_and_unknown_names_are_refused(hub, adapte
 
 @pytest.mark.integration
 def test_retrained_adapter_folder_is_reloaded(hub, adapters, tmp_path):
-    folder = _make_adapters(tmp_path / "v1", ["swap"])["swap"]
+    folder = make_lora_adapters(tmp_path / "v1", ["swap"])["swap"]
     hub.load_adapter(SMOLLM2, str(folder), name="swap")
     first = hub.generate(SMOLLM2, [EIFFEL], ["swap"], SHORT)[0].text
-    replacement = _make_adapters(tmp_path / "v2", ["other", "swap"])["swap"]  # other weights
+    replacement = make_lora_adapters(tmp_path / "v2", ["other", "swap"])["swap"]  # other weights
     shutil.rmtree(folder)
     shutil.copytree(replacement, folder)
     hub.load_adapter(SMOLLM2, str(folder), name="swap")
@@ -240,7 +209,7 @@ def test_retrained_adapter_folder_is_reloaded(hub, adapters, tmp_path):
 def test_adapter_for_another_model_is_refused_and_changes_nothing(hub, plain_answer, tmp_path):
     tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=1000)
-    folder = _make_adapters(tmp_path, ["tiny"], tiny)["tiny"]
+    folder = make_lora_adapters(tmp_path, ["tiny"], tiny)["tiny"]
     with pytest.raises(AdapterError, match="made for another model"):
         hub.load_adapter(SMOLLM2, str(folder))
     assert "tiny" not in hub.list_adapters(SMOLLM2)
@@ -301,7 +270,7 @@ def test_concurrent_requests_get_their_own_adapter(hub, adapters, tmp_path):
     names = [BASE, "a1", "a2", "a3", "a4", "a5"]
     alone = {name: hub.generate(SMOLLM2, [EIFFEL], [name], SHORT)[0].text for name in names}
     assert len(set(alone.values())) > 1
-    late = _make_adapters(tmp_path, ["late"])["late"]
+    late = make_lora_adapters(tmp_path, ["late"])["late"]
     results: dict[str, str] = {}
     errors: list[BaseException] = []
     start = threading.Barrier(len(names) + 1)
@@ -359,25 +328,8 @@ def test_conversion_builds_a_complete_folder_and_clears_stale_temp_dirs(tmp_path
 @pytest.fixture(scope="module")
 def served_model():
     """`transformers serve` on the converted 135M model: a real OpenAI-compatible server."""
-    port = _closed_port()
-    folder = model_path(SMOLLM2)
-    cli = Path(sys.executable).parent / "transformers"
-    server = subprocess.Popen([str(cli), "serve", folder, "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("transformers serve did not start")
-                time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1", folder
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with servers.served_model() as served:
+        yield served
 
 
 @pytest.mark.integration
