@@ -14,7 +14,8 @@ Read top to bottom: spec -> data (sample, prompts, tokens, checks) -> model + Lo
   <adapter>/checkpoints/step-NNNNNN, written to a temporary folder and renamed, so a killed run
   leaves only complete ones; `--resume` continues from the newest.
 - Outputs in config.subdir("adapters")/<name>/: adapter_model.safetensors, adapter_config.json,
-  spec.json, train_ids.json, metrics.json (written last: its presence means the run finished).
+  spec.json, train_ids.json, metrics.json (written last: its presence means the run finished;
+  the checkpoints are then deleted).
 Run by the job runner (jobs.runner), it reports through Reporter and never opens DuckDB; the app
 records the adapter from the Reporter result.
 """
@@ -336,6 +337,8 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
     if main_process:
         accelerator.unwrap_model(model).save_pretrained(folder, safe_serialization=True)
         write_json(folder / "metrics.json", metrics)
+        # A finished adapter is never resumed, and optimizer states weigh twice the adapter.
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     result = result_of(spec, folder, metrics)
     reporter.result(result)
     return result

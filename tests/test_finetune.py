@@ -198,6 +198,7 @@ def test_training_writes_a_complete_adapter_folder(trained):
                  "train_ids.json"):
         assert (folder / name).is_file(), name
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
+    assert not (folder / "checkpoints").exists()  # removed once the run finished
     metrics = json.loads((folder / "metrics.json").read_text())
     assert [p["step"] for p in metrics["train_loss"]] == [1, 2, 3, 4]
     assert [p["step"] for p in metrics["val_loss"]] == [0, 2, 4]
@@ -244,10 +245,11 @@ def test_existing_adapter_is_refused_without_resume_and_kept_with_it(trained):
 
 
 @pytest.mark.integration
-def test_resume_after_sigkill_continues_step_count_and_loss_history(tmp_path):
-    """The job runner runs the CLI (finetune_argv); SIGKILL after the first checkpoint, then resume."""
+def test_resume_after_sigkill_continues_step_count_and_loss_history(tmp_path, trained):
+    """The job runner runs the CLI (finetune_argv); SIGKILL after the first checkpoint, then resume.
+    Same spec as `trained` but for the name and checkpoints, so the curves must match it."""
     runner = JobRunner(Store(tmp_path / "jobs.duckdb"), {"finetune": JobKind(argv=finetune_argv)})
-    spec = tiny_spec(n_train=16, checkpoint_every=1, val_every=2, name="killed")
+    spec = tiny_spec(epochs=2, val_every=2, checkpoint_every=1, name="killed")
     job_id = runner.start("finetune", spec.to_dict())
     checkpoints = adapter_dir("killed") / "checkpoints"
     deadline = time.monotonic() + 240
@@ -274,6 +276,11 @@ def test_resume_after_sigkill_continues_step_count_and_loss_history(tmp_path):
     assert [p["step"] for p in metrics["train_loss"]] == [1, 2, 3, 4]
     assert metrics["train_loss"][:done] == state["train"]  # history kept, not restarted
     assert [p["step"] for p in metrics["val_loss"]] == [0, 2, 4]
+    # Adapter, optimizer, scheduler and RNG were restored: the run equals the uninterrupted one.
+    uninterrupted = json.loads((Path(trained["path"]) / "metrics.json").read_text())
+    for resumed, straight in zip(metrics["train_loss"] + metrics["val_loss"],
+                                 uninterrupted["train_loss"] + uninterrupted["val_loss"]):
+        assert resumed["loss"] == pytest.approx(straight["loss"], abs=1e-4)
 
 
 @pytest.mark.integration
