@@ -236,7 +236,9 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
 
     started = time.perf_counter()
     spec.validate()
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    cuda = torch.cuda.is_available()
+    # cpu=True on a CPU-only machine lets torchrun start several CPU processes (gloo).
+    accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
     main_process = accelerator.is_main_process
     # Several processes train together; only the main one reports and writes files.
     reporter = (reporter or Reporter()) if main_process else SilentReporter()
