@@ -4,7 +4,7 @@ from __future__ import annotations
 import gradio as gr
 
 from jobs.services import Services, build_services
-from ui import compare_tab, data_tab, finetune_tab, jobs_panel, rag_tab
+from ui import compare_tab, data_tab, evaluate_tab, finetune_tab, jobs_panel, rag_tab
 
 TITLE = "Fine-tune or RAG? A lab for 'Fine-Tuning or Fine-Failing?'"
 INTRO = (
@@ -26,6 +26,8 @@ def build_app(services: Services) -> gr.Blocks:
             rag_tab.build(services)
         with gr.Tab("Compare"):
             compare_tab.build(services)
+        with gr.Tab("Evaluate"):
+            evaluate_tab.build(services)
         with gr.Tab("Jobs"):
             jobs_panel.build(services)
     return demo

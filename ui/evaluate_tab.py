@@ -1,0 +1,260 @@
+"""Evaluate tab: batch G-Eval runs, their summary and charts, a per-item drill-down, exports, run
+comparison, and a read-only SQL box over the DuckDB tables."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from core import config, evalstats
+from core.geval import BUILTIN
+from core.models import BASE
+from jobs.evaluate import EvalSpec, JudgeSpec, set_session_api_key, start_evaluation
+from jobs.services import Services
+from pipelines import spec as pspec
+from pipelines.compare import System
+from ui.common import fmt_seconds, user_errors
+
+SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
+                   "base", "diff", "diff_ci_low", "diff_ci_high"]
+EXAMPLE_QUERIES = {
+    "Runs with counts": "SELECT r.id, r.name, r.dataset_id, r.status, count(g.score) AS judgments "
+                        "FROM eval_runs r LEFT JOIN judgments g ON g.run_id = r.id "
+                        "GROUP BY ALL ORDER BY r.id DESC",
+    "Mean score per system and metric": "SELECT run_id, system, metric, round(avg(score), 3) AS "
+                                        "mean, count(*) AS n FROM judgments GROUP BY ALL "
+                                        "ORDER BY ALL",
+    "Parse failures": "SELECT run_id, system, metric, sum(parse_failures) AS failures "
+                      "FROM judgments GROUP BY ALL HAVING failures > 0",
+    "Adapters and their losses": "SELECT name, base_model, metrics->>'final_train_loss' AS "
+                                 "train_loss, metrics->>'n_train' AS n_train FROM adapters",
+    "Votes": "SELECT choice, count(*) AS n FROM votes GROUP BY ALL",
+}
+
+
+def candidate_systems(services: Services, model_ref: str) -> dict[str, System]:
+    systems = {}
+    for adapter in [BASE, *services.adapter_names(model_ref)]:
+        for rag in (False, True):
+            s = System("local", model_ref, adapter, rag)
+            systems[s.label] = s
+    return systems
+
+
+def runs_choices(services: Services) -> list[tuple[str, str]]:
+    return [(f"{r['name'] or r['id']} · {r['dataset_id']} · {r['status']}", r["id"])
+            for r in services.store.list_eval_runs()]
+
+
+def summary_frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    return df.round(3)
+
+
+def study_frame(services: Services) -> pd.DataFrame:
+    """Mean score per run, system and metric, labelled like the study's figures: dataset and
+    training-set size (n_train of the adapter; 0 for the base model)."""
+    n_train = {a["name"]: (a["metrics"] or {}).get("n_train") for a in services.store.list_adapters()}
+    rows = []
+    for run in services.store.list_eval_runs():
+        for s in evalstats.summarize_run(services.store, run["id"], n_boot=200):
+            spec_systems = {System(**{k: v for k, v in d.items() if k != "label"}).label: d
+                            for d in (run["spec"] or {}).get("systems", [])}
+            adapter = spec_systems.get(s["system"], {}).get("adapter", BASE)
+            tuned = adapter != BASE
+            rows.append({"group": f"{run['dataset_id']} · n={n_train.get(adapter) or 0}",
+                         "system": ("fine-tuned" if tuned else "base") + (
+                             " + RAG" if spec_systems.get(s["system"], {}).get("rag") else ""),
+                         "metric": s["metric"], "mean": s["mean"]})
+    return pd.DataFrame(rows, columns=["group", "system", "metric", "mean"])
+
+
+def build(services: Services) -> None:
+    gr.Markdown("Batch G-Eval, as in the study: every answer is judged for accuracy and "
+                "completeness against the reference answer (1-5), repeated and averaged. "
+                "**The embedded 135M judge works offline but is a weak judge**: for real "
+                "conclusions point the judge at a strong model on an OpenAI-compatible endpoint.")
+    with gr.Accordion("New run", open=True):
+        with gr.Row():
+            dataset = gr.Dropdown(services.dataset_ids(), value="sample:bioasq",
+                                  allow_custom_value=True, label="Dataset (eval split)")
+            n_items = gr.Number(value=5, precision=0, label="Items (empty = all eval items)")
+            seed = gr.Number(value=0, precision=0, label="Seed")
+            run_name = gr.Textbox(label="Run name")
+        with gr.Row():
+            model = gr.Textbox(config.DEFAULT_CHAT_MODEL, label="Base model")
+            pipeline = gr.Dropdown(pspec.list_specs(), value=None, allow_custom_value=True,
+                                   label="RAG pipeline (for RAG systems)")
+            max_new_tokens = gr.Number(value=48, precision=0, label="Max new tokens (answers)")
+        with gr.Row():
+            systems = gr.CheckboxGroup(list(candidate_systems(services, config.DEFAULT_CHAT_MODEL)),
+                                       value=[], label="Systems", scale=5)
+            refresh_systems_btn = gr.Button("↻ adapters", scale=1)
+        with gr.Row():
+            judge_kind = gr.Radio(["local", "openai"], value="local", label="Judge")
+            judge_model = gr.Textbox(config.DEFAULT_CHAT_MODEL, label="Judge model")
+            judge_url = gr.Textbox(label="Judge base URL (OpenAI-compatible; empty = OpenAI)")
+            judge_key = gr.Textbox(label="API key (this session only)", type="password")
+        with gr.Row():
+            metrics = gr.CheckboxGroup(list(BUILTIN), value=list(BUILTIN), label="Metrics")
+            method = gr.Radio(["logprobs", "sampling"], value="logprobs", label="Scoring")
+            repeats = gr.Number(value=10, precision=0, label="Repeats")
+            samples = gr.Number(value=10, precision=0, label="Samples (sampling)")
+            reasoning = gr.Checkbox(False, label="Judge reasons first")
+        with gr.Accordion("Your own metric (optional)", open=False):
+            with gr.Row():
+                custom_name = gr.Textbox(label="Name", placeholder="faithfulness")
+                custom_criteria = gr.Textbox(label="Criteria", lines=2)
+                custom_steps = gr.Textbox(label="Evaluation steps (empty: the judge writes them)",
+                                          lines=2)
+        start = gr.Button("Start evaluation", variant="primary")
+    start_status = gr.Markdown()
+
+    with gr.Row():
+        run = gr.Dropdown(runs_choices(services), label="Run", scale=3, allow_custom_value=True)
+        refresh = gr.Button("Refresh", scale=1)
+        cancel = gr.Button("Cancel", variant="stop", scale=1)
+        resume = gr.Button("Resume", scale=1)
+    run_status = gr.Markdown()
+    summary = gr.Dataframe(label="Summary: mean, std, 95% CI (t) over items; paired difference "
+                           "to the base system with a paired bootstrap 95% CI", interactive=False)
+    chart = gr.BarPlot(x="system", y="mean", color="metric", label="Mean score by system",
+                       y_lim=[1, 5], height=280)
+    with gr.Accordion("Study view: all runs by dataset and training-set size", open=False):
+        study_btn = gr.Button("Draw")
+        study_chart = gr.BarPlot(x="group", y="mean", color="system", label="Accuracy and "
+                                 "completeness, base vs fine-tuned", y_lim=[1, 5], height=300)
+        study_table = gr.Dataframe(interactive=False)
+    with gr.Accordion("Per-item drill-down", open=False):
+        items = gr.Dataframe(interactive=False, wrap=True, label="Items (click a row)")
+        item_detail = gr.JSON(label="Judgments of the item (replies, scores, distributions)")
+    with gr.Row():
+        export_fmt = gr.Radio(["csv", "parquet"], value="csv", label="Export")
+        export_btn = gr.Button("Export answers and judgments")
+        export_files = gr.File(file_count="multiple", interactive=False)
+    with gr.Accordion("Compare two runs", open=False):
+        with gr.Row():
+            run_a = gr.Dropdown(runs_choices(services), label="Run A", allow_custom_value=True)
+            run_b = gr.Dropdown(runs_choices(services), label="Run B", allow_custom_value=True)
+            compare_btn = gr.Button("Compare (B − A)")
+        compared = gr.Dataframe(interactive=False)
+    with gr.Accordion("SQL (read-only)", open=False):
+        example = gr.Dropdown(list(EXAMPLE_QUERIES), label="Example queries")
+        sql = gr.Code(language="sql", lines=4, value=EXAMPLE_QUERIES["Runs with counts"])
+        sql_btn = gr.Button("Run query")
+        sql_result = gr.Dataframe(interactive=False, wrap=True)
+
+    @user_errors
+    def do_start(ds, n, sd, name, model_ref, pipe, max_tokens, chosen, jk, jm, ju, key, mets,
+                 meth, reps, samp, reason, cname, ccrit, csteps):
+        candidates = candidate_systems(services, model_ref)
+        picked = [candidates[label] for label in chosen or [] if label in candidates]
+        metric_list: list = list(mets or [])
+        if (cname or "").strip():
+            metric_list.append({"name": cname.strip(), "criteria": ccrit or "",
+                                "steps": (csteps or "").strip() or None})
+        judge_url_value = (ju or "").strip() or None
+        if (key or "").strip():
+            set_session_api_key(judge_url_value, key.strip())
+        spec = EvalSpec(
+            dataset_id=ds, systems=picked, name=(name or "").strip(),
+            judge=JudgeSpec(kind=jk, model=(jm or "").strip(), base_url=judge_url_value),
+            metrics=metric_list, n_items=int(n) if n else None, seed=int(sd or 0),
+            pipeline=pipe or None, repeats=int(reps or 1), method=meth, samples=int(samp or 1),
+            reasoning=bool(reason), decoding={"max_new_tokens": int(max_tokens or 48)})
+        job_id = start_evaluation(services, spec.validate())
+        return (f"Started run `{job_id}`: {len(picked)} systems × {len(metric_list)} metrics.",
+                gr.update(choices=runs_choices(services), value=job_id))
+
+    def show_run(run_id):
+        if not run_id:
+            return "", pd.DataFrame(columns=SUMMARY_COLUMNS), None, None
+        job = services.store.get_job(run_id)
+        started = services.store.get_eval_run(run_id) is not None  # queued jobs have no run yet
+        rows = evalstats.summarize_run(services.store, run_id, n_boot=1000) if started else []
+        status = ""
+        if job:
+            eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
+            status = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"
+            if job["error"]:
+                status += f"\n\n{job['error']}"
+        chart_df = pd.DataFrame([{"system": r["system"], "metric": r["metric"], "mean": r["mean"]}
+                                 for r in rows if r["mean"] is not None])
+        item_rows = pd.DataFrame(services.store.eval_items(run_id) if started else []).drop(
+            columns=["scores", "reasoning"], errors="ignore")
+        return status, summary_frame(rows), chart_df, item_rows
+
+    def pick_item(evt: gr.SelectData, run_id, table):
+        row = table.iloc[evt.index[0]]
+        judgments = [j for j in services.store.eval_judgments(run_id)
+                     if j["example_id"] == row["example_id"] and j["system"] == row["system"]
+                     and j["metric"] == row["metric"]]
+        answer = next((a for a in services.store.eval_answers(run_id)
+                       if a["example_id"] == row["example_id"] and a["system"] == row["system"]),
+                      {})
+        return {"question": row["question"], "reference": row["reference"],
+                "answer": row["answer"], "retrieved": answer.get("retrieved"),
+                "judgments": [{k: j[k] for k in ("repeat", "method", "score", "distribution",
+                                                 "parsed_scores", "raw", "reasoning",
+                                                 "parse_failures")} for j in judgments]}
+
+    @user_errors
+    def do_export(run_id, fmt):
+        if not run_id:
+            raise gr.Error("Choose a run first.")
+        return [str(p) for p in services.store.export_eval_run(run_id, config.subdir("exports"),
+                                                                fmt)]
+
+    @user_errors
+    def do_compare(a, b):
+        if not (a and b):
+            raise gr.Error("Choose two runs.")
+        return pd.DataFrame(evalstats.compare_runs(services.store, a, b, n_boot=1000)).round(3)
+
+    @user_errors
+    def do_sql(query):
+        names, rows = services.store.read_only_query(query)
+        return pd.DataFrame(rows, columns=names)
+
+    @user_errors
+    def do_cancel(run_id):
+        services.runner.cancel(run_id)
+        return "Cancel requested; finished answers and judgments stay stored."
+
+    @user_errors
+    def do_resume(run_id):
+        services.runner.resume(run_id)
+        return "Resumed: finished (item, system, metric, repeat) keys are not redone."
+
+    def study():
+        df = study_frame(services)
+        return df, df
+
+    start.click(do_start, inputs=[dataset, n_items, seed, run_name, model, pipeline,
+                                  max_new_tokens, systems, judge_kind, judge_model, judge_url,
+                                  judge_key, metrics, method, repeats, samples, reasoning,
+                                  custom_name, custom_criteria, custom_steps],
+                outputs=[start_status, run], api_name="start_eval")
+    run.change(show_run, inputs=run, outputs=[run_status, summary, chart, items],
+               api_name="eval_summary")
+    refresh.click(lambda: gr.update(choices=runs_choices(services)), outputs=run,
+                  api_name="list_runs")
+    gr.Timer(3.0).tick(show_run, inputs=run, outputs=[run_status, summary, chart, items],
+                       api_name=False, show_progress="hidden")
+    cancel.click(do_cancel, inputs=run, outputs=run_status, api_name="cancel_eval")
+    resume.click(do_resume, inputs=run, outputs=run_status, api_name="resume_eval")
+    items.select(pick_item, inputs=[run, items], outputs=item_detail, api_name=False)
+    export_btn.click(do_export, inputs=[run, export_fmt], outputs=export_files,
+                     api_name="export_eval")
+    compare_btn.click(do_compare, inputs=[run_a, run_b], outputs=compared,
+                      api_name="compare_runs")
+    sql_btn.click(do_sql, inputs=sql, outputs=sql_result, api_name="sql")
+    example.change(lambda name: EXAMPLE_QUERIES.get(name, ""), inputs=example, outputs=sql,
+                   api_name=False)
+    study_btn.click(study, outputs=[study_chart, study_table], api_name="study_view")
+    def refresh_systems(model_ref):
+        return gr.update(choices=list(candidate_systems(services, model_ref)))
+
+    model.blur(refresh_systems, inputs=model, outputs=systems, api_name=False)
+    refresh_systems_btn.click(refresh_systems, inputs=model, outputs=systems, api_name=False)
+    for dd in (run_a, run_b):
+        dd.focus(lambda: gr.update(choices=runs_choices(services)), outputs=dd, api_name=False)
