@@ -170,3 +170,36 @@ def test_concurrent_clients_never_get_another_clients_adapter(client, app_adapte
     with ThreadPoolExecutor(len(choices) * 2) as pool:
         results = list(pool.map(ask, choices * 2))
     assert all(text == alone[choice] for choice, text in results), results
+
+
+# ---------------------------------------------------------------- evaluation through the API
+
+def test_evaluation_run_summary_export_and_read_only_sql(client):
+    status, run = client.predict(
+        "sample:nq", 2, 0, "api-run", "smollm2-135m-instruct", None, 12,
+        ["smollm2-135m-instruct (base) · no RAG"], "local", "smollm2-135m-instruct", "", "",
+        ["accuracy"], "logprobs", 1, 1, False, "", "", "", api_name="/start_eval")
+    run_id = run["value"]
+    end = time.time() + 600
+    while time.time() < end:
+        state, summary, chart, items = client.predict(run_id, api_name="/eval_summary")
+        if "**done**" in state or "**failed**" in state:
+            break
+        time.sleep(2)
+    assert "**done**" in state, state
+    row = dict(zip(summary["headers"], summary["data"][0]))
+    assert row["n"] == 2 and 1 <= row["mean"] <= 5
+    table = client.predict(f"SELECT avg(score) AS m, count(*) AS n FROM judgments "
+                           f"WHERE run_id = '{run_id}'", api_name="/sql")
+    assert table["data"][0][1] == 2 and abs(table["data"][0][0] - row["mean"]) < 1e-3
+    with pytest.raises(Exception, match="read-only"):
+        client.predict("DELETE FROM judgments", api_name="/sql")
+    files = client.predict(run_id, "parquet", api_name="/export_eval")
+    assert sorted(f.rsplit("_", 1)[-1] for f in files) == ["answers.parquet", "judgments.parquet"]
+
+
+def test_evaluation_without_systems_is_refused(client):
+    with pytest.raises(Exception, match="at least one system"):
+        client.predict("sample:nq", 2, 0, "", "smollm2-135m-instruct", None, 12, [], "local",
+                       "smollm2-135m-instruct", "", "", ["accuracy"], "logprobs", 1, 1, False,
+                       "", "", "", api_name="/start_eval")
