@@ -102,16 +102,15 @@ class EvalSpec:
         if not isinstance(data, dict):
             raise EvalSpecError("An evaluation spec is a JSON object.")
         _check_keys(cls, data, "evaluation spec")
-        if "dataset_id" not in data or "systems" not in data:
-            raise EvalSpecError("An evaluation spec needs dataset_id and systems.")
-        systems = [_system(s) for s in data.get("systems") or []]
+        systems = [_system(s) for s in data.get("systems") or []]  # none: validate() says so
         judge = data.get("judge") or {}
         if not isinstance(judge, (dict, JudgeSpec)):
             raise EvalSpecError("judge must be an object with kind, model and base_url.")
         if isinstance(judge, dict):
             _check_keys(JudgeSpec, judge, "judge")
             judge = JudgeSpec(**judge)
-        return cls(**{**data, "systems": systems, "judge": judge})
+        return cls(**{**data, "dataset_id": data.get("dataset_id") or "", "systems": systems,
+                      "judge": judge})
 
     @property
     def effective_repeats(self) -> int:
@@ -297,7 +296,9 @@ def run_evaluation(ctx: JobContext, services: "Services", spec: EvalSpec) -> dic
     run = store.get_eval_run(ctx.job_id)
     if run is None:
         ctx.progress(0.0, "writing the evaluation steps (once per metric and judge)")
-        steps = {m.name: get_steps(store, m, judge, spec.steps_max_new_tokens) for m in metrics}
+        steps = {m.name: _retry(ctx, spec.retry_delays, f"The judge {judge.id}",
+                                lambda m=m: get_steps(store, m, judge, spec.steps_max_new_tokens))
+                 for m in metrics}
         run = store.create_eval_run(ctx.job_id, ctx.job_id, spec.name or _default_name(spec),
                                     spec.dataset_id, _run_record(spec, judge.id, steps, plan))
     else:  # a resume keeps the steps and items it started with

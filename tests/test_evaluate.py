@@ -1,0 +1,305 @@
+"""Batch G-Eval as a job: clear refusals of bad requests (no model); then real runs on the 135M
+model: cancel + resume without duplicates, statistics against SQL, the CLI writing what the runner
+writes, and a judge endpoint that fails, is retried, and later resumes on a real server."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from core.datasets import QADataset
+from core.evalstats import summarize_run
+from core.models import SMOLLM2, model_path
+from core.schema import QAExample
+from core.store import ReadOnlyQueryError, Store
+from jobs.evaluate import EvalSpec, EvalSpecError, preflight, select_examples, start_evaluation
+from jobs.services import build_services
+from pipelines import indexing
+from pipelines.spec import PipelineSpec, SpecError, save_spec
+from tests.servers import free_port, served_model
+
+REPO = Path(__file__).resolve().parent.parent
+ACCURACY = {"name": "accuracy", "steps": "1. Compare the facts of the answer with the reference "
+                                         "answer.\n2. Score 5 if they agree, 1 if they contradict."}
+COMPLETENESS = {"name": "completeness", "steps": "1. List the key points of the reference answer."
+                                                 "\n2. Score by the share the answer covers."}
+BASE_SYSTEM = {"model": SMOLLM2}
+RAG_SYSTEM = {"model": SMOLLM2, "rag": True}
+
+
+def spec_dict(**changes) -> dict:
+    spec = {"dataset_id": "sample:bioasq", "n_items": 2, "systems": [BASE_SYSTEM],
+            "metrics": [ACCURACY], "repeats": 2, "decoding": {"max_new_tokens": 16},
+            "batch_size": 2, "retry_delays": [0.05, 0.1]}
+    return {**spec, **changes}
+
+
+@pytest.fixture(scope="module")
+def services():
+    # The app's own wiring: build_services registers the "evaluate" job kind.
+    return build_services(warm_up=False)
+
+
+@pytest.fixture(scope="module")
+def bm25(services) -> str:
+    spec = PipelineSpec(name="eval-bm25", retriever="bm25", top_k=2)
+    indexing.build_index(spec, services.dataset("sample:bioasq").corpus)
+    save_spec(spec, store=services.store)
+    return spec.name
+
+
+def wait_for(predicate, timeout: float = 600) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def count(store: Store, table: str, run_id: str) -> int:
+    return store.query(f"SELECT count(*) AS n FROM {table} WHERE run_id = ?", [run_id])[0]["n"]
+
+
+# ---------------------------------------------------------------- refusals (no model)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"systems": []}, "at least one system"),
+    ({"systems": [RAG_SYSTEM]}, "uses RAG but no pipeline is chosen"),
+    ({"metrics": [{"name": "faithfulness", "criteria": ""}]}, "has no criteria"),
+    ({"metrics": []}, "at least one metric"),
+    ({"repeats": 0}, "repeats must be a whole number of at least 1"),
+    ({"n_items": 0}, "n_items must be at least 1"),
+    ({"method": "vibes"}, "Unknown scoring method"),
+    ({"systems": [BASE_SYSTEM, BASE_SYSTEM]}, "Two systems are the same"),
+    ({"metrics": [{"name": "style", "criteria": "x", "score_min": 1, "score_max": 10}]},
+     "single digits"),
+    ({"decoding": {"temperature": -1}}, "temperature"),
+    ({"decoding": {"beams": 4}}, "Unknown field.*decoding: beams"),
+    ({"judge": {"kind": "oracle", "model": "x"}}, "kind 'local' or 'openai'"),
+    ({"colour": "red"}, "Unknown field.*colour"),
+])
+def test_bad_specs_are_refused_with_a_sentence(changes, message):
+    with pytest.raises(EvalSpecError, match=message):
+        EvalSpec.from_dict(spec_dict(**changes)).validate()
+
+
+def test_spec_round_trips_through_json():
+    spec = EvalSpec.from_dict(spec_dict(systems=[BASE_SYSTEM, {**RAG_SYSTEM, "label": "ignored"}],
+                                        pipeline="p", method="sampling")).validate()
+    again = EvalSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again == spec and again.effective_repeats == 2
+    assert EvalSpec.from_dict(spec_dict()).effective_repeats == 1  # logprobs: one judgment per key
+
+
+def test_datasets_pipelines_and_adapters_are_checked_before_the_job(services):
+    empty = [QAExample(f"noref-{i}", f"Question {i}?", "") for i in range(20)]
+    services.add_dataset(QADataset("noref", "upload:noref.csv", empty, []))
+    with pytest.raises(EvalSpecError, match=r"have no reference answer \(e.g. 'noref-"):
+        select_examples(services, EvalSpec.from_dict(spec_dict(dataset_id="upload:noref.csv")))
+    with pytest.raises(EvalSpecError, match="'upload:never.csv' is not loaded"):
+        preflight(services, EvalSpec.from_dict(spec_dict(dataset_id="upload:never.csv")))
+    with pytest.raises(SpecError, match="No saved pipeline named 'nowhere'"):
+        preflight(services, EvalSpec.from_dict(spec_dict(systems=[RAG_SYSTEM], pipeline="nowhere")))
+    with pytest.raises(EvalSpecError, match="Unknown adapter 'ghost'"):
+        preflight(services, EvalSpec.from_dict(spec_dict(systems=[{"model": SMOLLM2, "adapter": "ghost"}])))
+    picked = select_examples(services, EvalSpec.from_dict(spec_dict(n_items=3, seed=7)))
+    assert picked == select_examples(services, EvalSpec.from_dict(spec_dict(n_items=3, seed=7)))
+    assert len(picked) == 3 and [e.id for e in picked] == sorted(e.id for e in picked)
+    assert {e.id for e in picked} <= {e.id for e in services.eval_examples("sample:bioasq")}
+
+
+def test_sql_box_runs_selects_only(tmp_path):
+    store = Store(tmp_path / "sql.duckdb")
+    names, rows = store.read_only_query("SELECT count(*) AS n FROM judgments")
+    assert names == ["n"] and rows == [(0,)]
+    for sql, message in (("DELETE FROM judgments", "not DELETE"), ("DROP TABLE answers", "not DROP"),
+                         ("SELECT 1; DELETE FROM answers", "exactly one"),
+                         ("COPY answers TO '/tmp/x.csv'", "not COPY"), ("SELEC 1", "does not parse")):
+        with pytest.raises(ReadOnlyQueryError, match=message):
+            store.read_only_query(sql)
+    assert store.read_only_query("WITH t AS (SELECT 2 AS x) SELECT x FROM t")[1] == [(2,)]
+
+
+def _cli(args: list[str], data_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATA_DIR": str(data_dir)}
+    return subprocess.run([sys.executable, "-m", "jobs.evaluate", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_refuses_a_locked_database_and_bad_options(tmp_path):
+    held = Store(tmp_path / "app.duckdb")  # as the running app would hold it
+    result = _cli(["--dataset", "sample:bioasq", "--system", SMOLLM2], tmp_path)
+    assert result.returncode == 2 and "in use by another process" in result.stderr
+    held.close()
+    result = _cli(["--dataset", "sample:bioasq"], tmp_path)
+    assert result.returncode == 2 and "at least one system" in result.stderr
+    help_text = _cli(["--help"], tmp_path)
+    assert help_text.returncode == 0 and "--resume" in help_text.stdout and "--spec-json" in help_text.stdout
+
+
+# ---------------------------------------------------------------- real runs
+
+
+def _rows(store: Store, run_id: str) -> tuple[list, list]:
+    answers = store.query("SELECT example_id, system, answer, created_at FROM answers WHERE "
+                          "run_id = ? ORDER BY ALL", [run_id])
+    judgments = store.query("SELECT example_id, system, metric, repeat, score, created_at FROM "
+                            "judgments WHERE run_id = ? ORDER BY ALL", [run_id])
+    return answers, judgments
+
+
+@pytest.fixture(scope="module")
+def resumed_run(services, bm25):
+    """2 items x (base, base+RAG) x (accuracy, completeness): cancelled while judging, resumed."""
+    spec = EvalSpec.from_dict(spec_dict(systems=[BASE_SYSTEM, RAG_SYSTEM], pipeline=bm25,
+                                        metrics=[ACCURACY, COMPLETENESS]))
+    store, runner = services.store, services.runner
+    run_id = start_evaluation(services, spec)
+    assert wait_for(lambda: count(store, "judgments", run_id) >= 1), runner.log_tail(run_id)
+    runner.cancel(run_id)
+    cancelled = runner.wait(run_id)
+    before = _rows(store, run_id)
+    run_status = store.get_eval_run(run_id)["status"]
+    runner.resume(run_id)
+    job = runner.wait(run_id)
+    return {"id": run_id, "cancelled": cancelled, "before": before, "run_status": run_status,
+            "job": job}
+
+
+@pytest.mark.integration
+def test_cancelled_run_resumes_with_exactly_one_row_per_key(services, resumed_run):
+    store, run_id = services.store, resumed_run["id"]
+    assert resumed_run["cancelled"]["status"] == "cancelled" and resumed_run["run_status"] == "cancelled"
+    answers_before, judgments_before = resumed_run["before"]
+    assert len(answers_before) == 4 and 1 <= len(judgments_before) < 8
+    job = resumed_run["job"]
+    assert job["status"] == "done", job["error"]
+    assert job["attempts"] == 2 and job["result"]["judgments"] == 8
+    keys = store.query(
+        "SELECT (SELECT count(*) FROM answers WHERE run_id = $1) AS answers, "
+        "(SELECT count(DISTINCT (example_id, system)) FROM answers WHERE run_id = $1) AS answer_keys, "
+        "(SELECT count(*) FROM judgments WHERE run_id = $1) AS judgments, "
+        "(SELECT count(DISTINCT (example_id, system, metric, repeat)) FROM judgments "
+        " WHERE run_id = $1) AS judgment_keys, "
+        "(SELECT max(repeat) FROM judgments WHERE run_id = $1) AS max_repeat", [run_id])[0]
+    assert keys == {"answers": 4, "answer_keys": 4, "judgments": 8, "judgment_keys": 8,
+                    "max_repeat": 0}
+    answers_after, judgments_after = _rows(store, run_id)
+    assert answers_after == answers_before  # nothing was answered twice
+    assert all(row in judgments_after for row in judgments_before)  # nor judged twice
+    run = store.get_eval_run(run_id)
+    assert run["status"] == "done" and run["spec"]["effective_repeats"] == 1
+    assert "deterministic" in run["spec"]["repeats_note"] and run["spec"]["repeats"] == 2
+    retrieved = {r["system"]: r["retrieved"] for r in store.eval_answers(run_id)}
+    assert retrieved[f"{SMOLLM2} (base) · no RAG"] is None
+    assert len(retrieved[f"{SMOLLM2} (base) · RAG"]) == 2
+    methods = store.query("SELECT DISTINCT method, judge FROM judgments WHERE run_id = ?", [run_id])
+    assert methods == [{"method": "logprobs", "judge": f"local:{SMOLLM2}"}]
+    points = services.runner.metrics(run_id)
+    assert points and {"system", "metric", "mean", "n"} <= set(points[-1])
+
+
+@pytest.mark.integration
+def test_summary_equals_a_sql_recomputation(services, resumed_run, tmp_path):
+    store, run_id = services.store, resumed_run["id"]
+    sql = store.query(
+        "WITH items AS (SELECT system, metric, example_id, avg(score) AS s FROM judgments "
+        "WHERE run_id = ? AND score IS NOT NULL GROUP BY ALL) "
+        "SELECT system, metric, avg(s) AS mean, stddev_samp(s) AS std, count(*) AS n FROM items "
+        "GROUP BY ALL", [run_id])
+    summary = {(r["system"], r["metric"]): r for r in summarize_run(store, run_id)}
+    assert len(sql) == len(summary) == 4
+    for row in sql:
+        mine = summary[(row["system"], row["metric"])]
+        assert (mine["mean"], mine["std"], mine["n"]) == pytest.approx((row["mean"], row["std"], row["n"]))
+        assert mine["ci_low"] < mine["mean"] < mine["ci_high"]
+    diffs = store.query(
+        "WITH items AS (SELECT system, metric, example_id, avg(score) AS s FROM judgments "
+        "WHERE run_id = ? AND score IS NOT NULL GROUP BY ALL) "
+        "SELECT t.metric, avg(t.s - b.s) AS diff, count(*) AS n FROM items t JOIN items b "
+        "ON t.metric = b.metric AND t.example_id = b.example_id "
+        "WHERE t.system LIKE '%· RAG' AND b.system LIKE '%· no RAG' GROUP BY ALL", [run_id])
+    for row in diffs:
+        mine = summary[(f"{SMOLLM2} (base) · RAG", row["metric"])]
+        assert mine["base"] == f"{SMOLLM2} (base) · no RAG"
+        assert (mine["diff"], mine["n_paired"]) == pytest.approx((row["diff"], row["n"]))
+        assert mine["diff_ci_low"] <= mine["diff"] <= mine["diff_ci_high"]
+    drill = store.eval_items(run_id, metric="accuracy")
+    assert len(drill) == 4 and all(r["question"] and r["reference"] for r in drill)
+    paths = store.export_eval_run(run_id, tmp_path, "parquet") + store.export_eval_run(run_id, tmp_path)
+    counts = [duckdb.sql(f"SELECT count(*) FROM '{p}'").fetchall()[0][0] for p in paths]
+    assert counts == [4, 8, 4, 8]
+    listed = next(r for r in store.list_eval_runs() if r["id"] == run_id)
+    assert (listed["n_answers"], listed["n_judgments"], listed["status"]) == (4, 8, "done")
+
+
+@pytest.mark.integration
+def test_cli_and_runner_write_the_same_rows(services, tmp_path):
+    spec = spec_dict(method="sampling", samples=1, name="cli-vs-runner",
+                     decoding={"max_new_tokens": 8})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    result = _cli(["--spec-json", f"@{tmp_path / 'spec.json'}"], tmp_path / "cli")
+    assert result.returncode == 0, result.stderr[-3000:]
+    cli_run = result.stdout.split("run ", 1)[1].split()[0]
+    assert "accuracy" in result.stdout.splitlines()[-1]
+    runner_run = start_evaluation(services, EvalSpec.from_dict(spec))
+    assert services.runner.wait(runner_run)["status"] == "done"
+    cli_store = Store(tmp_path / "cli" / "app.duckdb")
+    try:
+        jobs = [store.get_job(run) for store, run in ((cli_store, cli_run), (services.store, runner_run))]
+        assert [(j["kind"], j["status"]) for j in jobs] == [("evaluate", "done")] * 2
+        assert jobs[0]["spec"] == jobs[1]["spec"] == EvalSpec.from_dict(spec).to_dict()
+        answers = [store.query("SELECT example_id, system, answer FROM answers WHERE run_id = ? "
+                               "ORDER BY ALL", [run]) for store, run in
+                   ((cli_store, cli_run), (services.store, runner_run))]
+        assert len(answers[0]) == 2 and answers[0] == answers[1]
+        judged = [store.query("SELECT example_id, system, metric, repeat, method, judge, "
+                              "json_array_length(parsed_scores) AS samples FROM judgments "
+                              "WHERE run_id = ? ORDER BY ALL", [run]) for store, run in
+                  ((cli_store, cli_run), (services.store, runner_run))]
+        assert len(judged[0]) == 4 and judged[0] == judged[1]
+        assert {r["repeat"] for r in judged[0]} == {0, 1} and {r["samples"] for r in judged[0]} == {1}
+        runs = [store.get_eval_run(run) for store, run in ((cli_store, cli_run),
+                                                           (services.store, runner_run))]
+        assert runs[0]["name"] == runs[1]["name"] == "cli-vs-runner"
+        assert runs[0]["spec"]["steps"] == runs[1]["spec"]["steps"]
+    finally:
+        cli_store.close()
+
+
+@pytest.mark.integration
+def test_failing_judge_is_retried_then_fails_and_later_resumes(services):
+    port = free_port()  # nothing listens here yet
+    url = f"http://127.0.0.1:{port}/v1"
+    spec = EvalSpec.from_dict(spec_dict(judge={"kind": "openai", "model": model_path(SMOLLM2),
+                                               "base_url": url}, samples=2,
+                                        decoding={"max_new_tokens": 8}))
+    store, runner = services.store, services.runner
+    run_id = start_evaluation(services, spec)
+    job = runner.wait(run_id)
+    assert job["status"] == "failed"
+    assert "failed 3 time(s)" in job["error"] and url in job["error"] and "resume" in job["error"]
+    log = runner.log_tail(run_id, 200)
+    assert "retry 1 in 0.05 s" in log and "retry 2 in 0.1 s" in log
+    assert (count(store, "answers", run_id), count(store, "judgments", run_id)) == (2, 0)
+    assert store.get_eval_run(run_id)["status"] == "failed"
+    answers_before = _rows(store, run_id)[0]
+    with served_model(port=port):
+        runner.resume(run_id)
+        job = runner.wait(run_id)
+    assert job["status"] == "done", job["error"]
+    assert _rows(store, run_id)[0] == answers_before
+    judged = store.eval_judgments(run_id)
+    assert len(judged) == 2
+    for row in judged:  # transformers serve returns no logprobs: sampled, and the row says so
+        assert row["method"] == "sampling-fallback" and row["judge"] == f"openai:{model_path(SMOLLM2)}@{url}"
+        assert len(row["raw"]) == 2 and len(row["parsed_scores"]) == 2
+        assert row["parse_failures"] == sum(p is None for p in row["parsed_scores"])
