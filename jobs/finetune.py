@@ -8,8 +8,9 @@ Read top to bottom: spec -> data (sample, prompts, tokens, checks) -> model + Lo
   49k-wide vocabulary projection of every prompt position would cost more than the LoRA itself.
 - float32 on CPU (bf16 is many times slower there, see STACK.md), bf16 autocast on CUDA; a plain
   PyTorch loop, no gradient checkpointing.
-- `accelerate launch -m jobs.finetune ...` trains on several GPUs: Accelerator wraps the model for
-  DDP (a no-op on one CPU process), and only the main process writes files.
+- `accelerate launch -m jobs.finetune ...` trains on several GPUs (`torchrun --nproc_per_node N
+  -m jobs.finetune ...` on several CPU processes): Accelerator wraps the model for DDP (a no-op in
+  one process), each process takes its share of every batch, only the main process writes files.
 - Checkpoints (adapter, optimizer, scheduler, RNG, step, loss history) go to
   <adapter>/checkpoints/step-NNNNNN, written to a temporary folder and renamed, so a killed run
   leaves only complete ones; `--resume` continues from the newest.
@@ -332,6 +333,9 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
         if state.step % spec.checkpoint_every == 0 and state.step < total_steps and main_process:
             save_checkpoint(folder, accelerator.unwrap_model(model), optimizer, scheduler, state)
         reporter.progress(state.step / total_steps, step_message(state, total_steps))
+        if main_process:  # one point per step for the live loss chart
+            val = state.val[-1]["loss"] if state.val and state.val[-1]["step"] == state.step else None
+            reporter.metric(step=state.step, train_loss=state.train[-1]["loss"], val_loss=val)
         log(step_message(state, total_steps))
 
     accelerator.wait_for_everyone()
@@ -399,11 +403,29 @@ def main(argv: list[str] | None = None) -> int:
     from core.models import ModelNotFoundError, UnsupportedModelError
 
     try:
-        train(spec_from_args(args), resume=args.resume)
+        result = train(spec_from_args(args), resume=args.resume)
     except (InputError, DatasetError, ModelNotFoundError, UnsupportedModelError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    if not Reporter().under_runner:
+        record_adapter(result)
     return 0
+
+
+def record_adapter(result: dict[str, Any]) -> None:
+    """Run by hand, the CLI writes the same adapters row the app writes for a UI job. When the app
+    holds the database, the app registers the folder itself at its next start."""
+    from core.store import Store, StoreLockedError
+
+    try:
+        store = Store()
+    except StoreLockedError:
+        print(f"adapter saved in {result['path']}; the app holds the database and will list it "
+              "when it next starts", flush=True)
+        return
+    store.upsert_adapter(**result)
+    store.close()
+    print(f"adapter '{result['name']}' saved in {result['path']} and recorded", flush=True)
 
 
 if __name__ == "__main__":

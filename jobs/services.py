@@ -2,6 +2,7 @@
 datasets and indexes loaded in this process. The UI and the CLIs call these; no Gradio here."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -16,7 +17,8 @@ from core.models import AdapterError, ModelHub, get_hub
 from core.schema import InputError, split_of
 from core.store import Store, get_store
 from jobs.evaluate import evaluation_job
-from jobs.finetune import adapter_dir, finetune_argv
+from jobs.finetune import adapter_dir, finetune_argv, result_of
+from jobs.finetune_data import FinetuneSpec
 from jobs.runner import JobContext, JobKind, JobRunner, job_dir
 from pipelines import indexing, spec as pspec
 from pipelines.corpus import passages_from_files
@@ -145,6 +147,20 @@ class Services:
     def adapter_names(self, model_ref: str) -> list[str]:
         return sorted(set(self.adapter_paths()) | set(self.hub.list_adapters(model_ref)))
 
+    def sync_adapters(self) -> list[str]:
+        """Register finished adapter folders the table lacks (trained by the CLI while the app
+        held the database, or before a crash): nothing trained is lost from the list."""
+        known = set(self.adapter_paths())
+        added = []
+        for folder in sorted(config.subdir("adapters").iterdir()):
+            if folder.name in known or not (folder / "metrics.json").is_file():
+                continue
+            spec = FinetuneSpec.from_dict(json.loads((folder / "spec.json").read_text()))
+            metrics = json.loads((folder / "metrics.json").read_text())
+            self.store.upsert_adapter(**result_of(spec, folder, metrics))
+            added.append(folder.name)
+        return added
+
     def record_adapter(self, job_id: str, result: dict[str, Any]) -> None:
         """A finished fine-tune job's adapter becomes a row (the CLI writes the same row)."""
         self.store.upsert_adapter(job_id=job_id, **result)
@@ -224,6 +240,7 @@ def build_services(warm_up: bool = True) -> Services:
         "finetune": JobKind(argv=finetune_argv, on_done=services.record_adapter),
         "evaluate": JobKind(thread=lambda ctx: evaluation_job(ctx, services)),
     })
+    services.sync_adapters()
     if warm_up:
         services.runner.start("prepare", {"model": config.DEFAULT_CHAT_MODEL})
     return services

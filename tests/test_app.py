@@ -4,7 +4,7 @@ import time
 import pytest
 from gradio_client import Client
 
-from tests.app_server import running_app
+from tests.app_server import REPO, running_app
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +203,60 @@ def test_evaluation_without_systems_is_refused(client):
         client.predict("sample:nq", 2, 0, "", "smollm2-135m-instruct", None, 12, [], "local",
                        "smollm2-135m-instruct", "", "", ["accuracy"], "logprobs", 1, 1, False,
                        "", "", "", api_name="/start_eval")
+
+
+# ---------------------------------------------------------------- fine-tuning through the API
+
+def tiny_form(name):
+    # base_model, dataset, source, n_train, context, pipeline, lora_r, lora_alpha, lora_dropout,
+    # target_modules, qlora, epochs, lr, lr_schedule, warmup_ratio, micro_batch_size, grad_accum,
+    # max_length, seed, val_size, val_every, checkpoint_every, name
+    return ["smollm2-135m-instruct", "nq", "sample", 8, "none", None, 8, 16.0, 0.0,
+            "q_proj,v_proj", False, 1, 5e-3, "constant", 0.0, 4, 1, 256, 0, 4, 1, 100, name]
+
+
+def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from core.store import Store
+    from jobs.finetune_data import FinetuneSpec
+    from ui.finetune_tab import spec_from_form
+
+    job_id, status = client.predict(*tiny_form("ui-tiny"), api_name="/start_finetune")
+    end = time.time() + 600
+    while time.time() < end:
+        text, chart = client.predict(job_id, api_name="/finetune_status")
+        if "**done**" in text or "**failed**" in text:
+            break
+        time.sleep(2)
+    assert "**done**" in text, text
+    curves = [row[chart["columns"].index("curve")] for row in chart["data"]]
+    assert curves.count("train") == 2 and "validation" in curves  # live points, 2 steps
+    ui_row = client.predict("ui-tiny", api_name="/adapter_details")
+
+    spec = spec_from_form(tiny_form("ui-tiny")).to_dict()
+    env = {**os.environ, "DATA_DIR": str(tmp_path)}
+    env.pop("LAB_JOB_ID", None)
+    out = subprocess.run([sys.executable, "-m", "jobs.finetune", "--spec-json", json.dumps(spec)],
+                         env=env, capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    store = Store(tmp_path / "app.duckdb")
+    cli_row = store.list_adapters()[0]
+    store.close()
+    assert cli_row["name"] == "ui-tiny" and cli_row["spec"] == ui_row["spec"]
+    assert FinetuneSpec.from_dict(cli_row["spec"]) == FinetuneSpec.from_dict(spec)
+    for key in ("n_train", "steps", "final_train_loss", "final_val_loss"):
+        assert cli_row["metrics"][key] == pytest.approx(ui_row["metrics"][key], rel=1e-3), key
+
+
+def test_finetune_bad_values_are_refused_before_starting(client):
+    form = tiny_form("bad")
+    form[6] = 0  # lora_r
+    with pytest.raises(Exception, match="r"):
+        client.predict(*form, api_name="/start_finetune")
+    form = tiny_form("bad")
+    form[12] = 5.0  # lr
+    with pytest.raises(Exception, match="learning rate|lr"):
+        client.predict(*form, api_name="/start_finetune")

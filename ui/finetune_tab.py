@@ -167,7 +167,7 @@ def build(services: Services) -> None:
 
     def show_adapter(name):
         row = next((a for a in services.store.list_adapters() if a["name"] == name), None)
-        return {"spec": row["spec"], "metrics": row["metrics"], "path": row["path"]} if row else None
+        return {"spec": row["spec"], "metrics": row["metrics"], "folder": row["path"]} if row else None
 
     @user_errors
     def do_rename(old, new):
