@@ -32,6 +32,10 @@ STEPS_MAX_NEW_TOKENS = 256
 SAMPLE_MAX_NEW_TOKENS = 10  # room for an echoed "- Accuracy: 4" and nothing more
 REASONING_MAX_NEW_TOKENS = 160
 MAX_SCORE_VALUES = 10
+# For the UI next to the judge choice: the embedded default is there to work offline, not to be trusted.
+WEAK_JUDGE_NOTE = ("The built-in judge is a 135M model: it runs offline but is a weak judge (its "
+                   "scores cluster and many sampled replies do not parse). Use a strong model "
+                   "through an OpenAI-compatible endpoint for numbers you want to report.")
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9 _-]{0,39}$")
 
 
