@@ -152,7 +152,7 @@ class TrainState:
     train: list[dict[str, float]] = field(default_factory=list)  # {step, loss} per optimizer step
     val: list[dict[str, float]] = field(default_factory=list)
     train_tokens: int = 0  # non-padding tokens through forward+backward
-    step_times: list[dict[str, float]] = field(default_factory=list)  # {step, tokens, seconds}
+    step_times: list[dict[str, float]] = field(default_factory=list)  # {step, tokens, seconds, cpu_seconds}
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     resumed_from: list[int] = field(default_factory=list)
@@ -304,7 +304,7 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
         micro_batches = [[data.train[i] for i in micro] for micro in plans[epoch][index]]
         # Normalising by the answer tokens of the whole step makes accumulation exact.
         step_tokens = sum(item.n_answer for micro in micro_batches for item in micro)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         loss_sum, tokens = 0.0, 0
         for i, items in enumerate(micro_batches):
             batch = {k: v.to(accelerator.device) for k, v in collate(items, pad_id).items()}
@@ -321,8 +321,10 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
         seconds = time.perf_counter() - t0
         state.train_seconds += seconds
         state.train_tokens += tokens * accelerator.num_processes
+        # cpu_seconds / seconds well below the thread count: other processes had the cores.
         state.step_times.append({"step": step + 1, "tokens": tokens * accelerator.num_processes,
-                                 "seconds": round(seconds, 4)})
+                                 "seconds": round(seconds, 4),
+                                 "cpu_seconds": round(time.process_time() - cpu0, 4)})
         state.step = step + 1
         loss_mean = accelerator.reduce(torch.tensor(loss_sum / step_tokens, device=accelerator.device), "mean")
         state.train.append({"step": state.step, "loss": round(float(loss_mean), 5)})
