@@ -338,7 +338,8 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
         if main_process:  # one point per step for the live loss chart
             val = state.val[-1]["loss"] if state.val and state.val[-1]["step"] == state.step else None
             reporter.metric(step=state.step, train_loss=state.train[-1]["loss"], val_loss=val)
-        log(step_message(state, total_steps))
+        if reporter.under_runner:  # by hand, the progress line above already printed it
+            log(step_message(state, total_steps))
 
     accelerator.wait_for_everyone()
     metrics = final_metrics(spec, data, state, total_steps)
@@ -409,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, DatasetError, ModelNotFoundError, UnsupportedModelError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
-    if not Reporter().under_runner:
+    # One row per adapter: under torchrun/accelerate only rank 0 records it.
+    if not Reporter().under_runner and os.environ.get("RANK", "0") == "0":
         record_adapter(result)
     return 0
 
