@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 Split = Literal["train", "eval"]
@@ -54,3 +54,13 @@ def validate_question(question: str | None, max_chars: int) -> str:
             "Shorten it (or raise MAX_QUESTION_CHARS)."
         )
     return text
+
+
+def is_int(value: Any) -> bool:
+    """A whole number from JSON or a form (True/False are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def unknown_fields(cls: type, data: dict[str, Any]) -> list[str]:
+    """Keys of `data` that the dataclass `cls` does not have (specs refuse them by name)."""
+    return sorted(set(data) - {f.name for f in fields(cls)})

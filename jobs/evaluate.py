@@ -29,7 +29,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
@@ -39,7 +39,7 @@ from core.geval import (DEFAULT_SAMPLES, METHODS, STEPS_MAX_NEW_TOKENS, FormInpu
                         MetricError, get_steps, judge_batch, make_judge, metric_from)
 from core.models import BASE, GenParams, Generation
 from core.openai_backend import OpenAIBackend
-from core.schema import InputError, QAExample
+from core.schema import InputError, QAExample, is_int, unknown_fields
 from core.store import StoreLockedError
 from jobs.runner import JobCancelled, JobContext
 from pipelines.compare import System, closed_book_messages
@@ -130,9 +130,9 @@ class EvalSpec:
         for name, value, low in (("repeats", self.repeats, 1), ("samples", self.samples, 1),
                                  ("batch_size", self.batch_size, 1),
                                  ("steps_max_new_tokens", self.steps_max_new_tokens, 1)):
-            if not _is_int(value) or value < low:
+            if not is_int(value) or value < low:
                 raise EvalSpecError(f"{name} must be a whole number of at least {low} (got {value!r}).")
-        if self.n_items is not None and (not _is_int(self.n_items) or self.n_items < 1):
+        if self.n_items is not None and (not is_int(self.n_items) or self.n_items < 1):
             raise EvalSpecError(f"n_items must be at least 1, or empty for every eval item "
                                 f"(got {self.n_items!r}).")
         if self.method not in METHODS:
@@ -180,12 +180,8 @@ class EvalSpec:
                                     "scores must be single digits (0-9); use sampling for a wider scale.")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_keys(cls: type, data: dict[str, Any], what: str) -> None:
-    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    unknown = unknown_fields(cls, data)
     if unknown:
         raise EvalSpecError(f"Unknown field(s) in the {what}: {', '.join(unknown)}.")
 

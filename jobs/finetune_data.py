@@ -26,7 +26,7 @@ import torch
 from core import config
 from core.datasets import QADataset, load_preset, load_upload
 from core.dataset_presets import PRESETS
-from core.schema import InputError, Passage, QAExample
+from core.schema import InputError, Passage, QAExample, unknown_fields
 
 IGNORE = -100  # label value that cross-entropy skips (prompt and padding positions)
 CONTEXT_MODES = ("none", "gold", "retrieved")
@@ -101,7 +101,7 @@ class FinetuneSpec:
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneSpec":
         if not isinstance(data, dict):
             raise FinetuneError("A fine-tune spec must be a JSON object.")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        unknown = unknown_fields(cls, data)
         if unknown:
             raise FinetuneError(f"Unknown field(s) in the fine-tune spec: {', '.join(unknown)}.")
         values = dict(data)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from core import config
-from core.schema import InputError
+from core.schema import InputError, is_int, unknown_fields
 
 if TYPE_CHECKING:
     from core.store import Store
@@ -61,9 +61,9 @@ class SplitterSpec:
     def validate(self) -> None:
         if self.split_by not in SPLIT_BY:
             raise SpecError(f"Unknown split unit '{self.split_by}'; choose one of: {', '.join(SPLIT_BY)}.")
-        if not _is_int(self.split_length) or self.split_length < 1:
+        if not is_int(self.split_length) or self.split_length < 1:
             raise SpecError(f"The split length must be a whole number of at least 1, not {self.split_length!r}.")
-        if not _is_int(self.split_overlap) or not 0 <= self.split_overlap < self.split_length:
+        if not is_int(self.split_overlap) or not 0 <= self.split_overlap < self.split_length:
             raise SpecError(f"The split overlap must be a whole number from 0 to below the split length "
                             f"({self.split_length}), not {self.split_overlap!r}.")
 
@@ -88,7 +88,7 @@ class GeneratorSpec:
             raise SpecError(f"The base URL '{self.base_url}' must start with http:// or https://.")
         if not _ENV_NAME.match(self.api_key_env or ""):
             raise SpecError(f"'{self.api_key_env}' is not an environment variable name.")
-        if not _is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= 8192:
+        if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= 8192:
             raise SpecError(f"max_new_tokens must be a whole number from 1 to 8192, not {self.max_new_tokens!r}.")
         if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 2:
             raise SpecError(f"The temperature must be from 0 (greedy) to 2, not {self.temperature!r}.")
@@ -124,7 +124,7 @@ class PipelineSpec:
             raise SpecError("The pipeline needs an embedder model name.")
         if self.retriever not in RETRIEVERS:
             raise SpecError(f"Unknown retriever '{self.retriever}'; choose one of: {', '.join(RETRIEVERS)}.")
-        if not _is_int(self.top_k) or not 1 <= self.top_k <= MAX_TOP_K:
+        if not is_int(self.top_k) or not 1 <= self.top_k <= MAX_TOP_K:
             raise SpecError(f"top_k must be a whole number from 1 to {MAX_TOP_K}, not {self.top_k!r}.")
         if self.ranker is not None and not isinstance(self.ranker, str):
             raise SpecError(f"The ranker must be a model name or empty, not {self.ranker!r}.")
@@ -176,12 +176,8 @@ def check_template(template: str) -> None:
         raise SpecError("The prompt template renders no messages; wrap text in {% message role=\"user\" %} blocks.")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_keys(cls: type, data: dict[str, Any], what: str) -> None:
-    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    unknown = unknown_fields(cls, data)
     if unknown:
         raise SpecError(f"Unknown field(s) in the {what}: {', '.join(unknown)}.")
 
