@@ -142,7 +142,9 @@ def run_trl(spec: Any, data: Any, path: str, steps: int) -> list[dict[str, float
                           "seconds": time.perf_counter() - self.t0, "cpu_seconds": time.process_time() - self.c0})
 
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, max_steps=steps, report_to="none", save_strategy="no",
+        # use_cpu: without it a CPU-only machine refuses the default bf16=True.
+        args = SFTConfig(output_dir=out, max_steps=steps, use_cpu=not torch.cuda.is_available(),
+                         report_to="none", save_strategy="no",
                          logging_strategy="no", include_num_input_tokens_seen="non_padding",
                          disable_tqdm=True)
         trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
