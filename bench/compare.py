@@ -16,7 +16,8 @@ from pathlib import Path
 from bench.generate import make_adapters, timed_rounds
 from core.datasets import load_preset
 from core.models import BASE, GenParams, get_hub, SMOLLM2
-from pipelines.compare import System, compare
+from core.systems import System
+from pipelines.compare import compare
 from pipelines.indexing import build_index
 from pipelines.spec import PipelineSpec
 

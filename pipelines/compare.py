@@ -11,14 +11,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 from haystack import Document
 
 from core import config
-from core.models import BASE, GenerationStream, GenParams, get_hub
+from core.models import GenerationStream, GenParams, get_hub
 from core.openai_backend import OpenAIBackend
 from core.schema import InputError, validate_question
+from core.systems import BASE, System
 from pipelines.indexing import DocumentStoreHandle
 from pipelines.query import build_prompt, retrieve
 from pipelines.spec import PipelineSpec
@@ -26,24 +27,6 @@ from pipelines.spec import PipelineSpec
 MAX_SYSTEMS = 6
 # Without retrieval the question goes to the model as it is (closed-book), as in the study.
 CLOSED_BOOK_SYSTEM = "Answer the question concisely: a few words or one sentence."
-
-
-@dataclass(frozen=True)
-class System:
-    """What answers: a local model (+ adapter) or an OpenAI-compatible model, with or without RAG."""
-
-    kind: Literal["local", "openai"] = "local"
-    model: str = config.DEFAULT_CHAT_MODEL
-    adapter: str = BASE
-    rag: bool = False
-    base_url: str | None = None
-
-    @property
-    def label(self) -> str:
-        who = self.adapter if self.kind == "local" and self.adapter != BASE else self.model
-        if self.kind == "local" and self.adapter == BASE:
-            who = f"{self.model} (base)"
-        return f"{who} · {'RAG' if self.rag else 'no RAG'}"
 
 
 @dataclass

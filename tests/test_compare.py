@@ -7,7 +7,8 @@ import pytest
 from core.datasets import load_preset
 from core.models import BASE, SMOLLM2, GenParams, get_hub
 from core.schema import InputError
-from pipelines.compare import System, closed_book_messages, compare
+from core.systems import System
+from pipelines.compare import closed_book_messages, compare
 from pipelines.indexing import build_index
 from pipelines.query import build_prompt
 from pipelines.spec import PipelineSpec

@@ -8,7 +8,8 @@ from core import config
 from core.models import BASE, GenParams
 from jobs.services import Services
 from pipelines import spec as pspec
-from pipelines.compare import MAX_SYSTEMS, Comparison, System, compare
+from core.systems import System
+from pipelines.compare import MAX_SYSTEMS, Comparison, compare
 from ui.common import user_errors
 from ui.rag_tab import chunks_table
 

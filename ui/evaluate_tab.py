@@ -11,7 +11,7 @@ from core.models import BASE
 from jobs.evaluate import EvalSpec, JudgeSpec, set_session_api_key, start_evaluation
 from jobs.services import Services
 from pipelines import spec as pspec
-from pipelines.compare import System
+from core.systems import System
 from ui.common import fmt_seconds, user_errors
 
 SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",

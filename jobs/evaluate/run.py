@@ -20,29 +20,24 @@ the same job through a JobRunner, so both write identical rows, the jobs row inc
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import random
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
-from core import config
 from core.evalstats import summarize_run
-from core.geval import (DEFAULT_SAMPLES, METHODS, STEPS_MAX_NEW_TOKENS, FormInput, Metric,
-                        MetricError, get_steps, judge_batch, make_judge, metric_from)
-from core.models import BASE, GenParams, Generation
+from core.geval import FormInput, Metric, get_steps, judge_batch, make_judge, metric_from
+from core.models import GenParams, Generation
 from core.openai_backend import OpenAIBackend
-from core.schema import InputError, QAExample, is_int, unknown_fields
-from core.store import StoreLockedError
+from core.schema import InputError, QAExample
+from core.systems import BASE, System
+from jobs.evaluate.spec import KIND, REPEATS_NOTE, EvalSpec, EvalSpecError
 from jobs.runner import JobCancelled, JobContext
-from pipelines.compare import System, closed_book_messages
+from pipelines.compare import closed_book_messages
 from pipelines.query import build_prompt, retrieve
 from pipelines.spec import PipelineSpec, load_spec
 
@@ -50,150 +45,10 @@ if TYPE_CHECKING:
     from jobs.services import Services
 
 T = TypeVar("T")
-KIND = "evaluate"
-REPEATS_NOTE = ("logprobs judgments are deterministic (one forward pass at the score slot, greedy "
-                "reasoning), so each (item, system, metric) is judged once, as repeat 0; repeats "
-                "apply to sampling")
-
-
-class EvalSpecError(InputError):
-    """An evaluation request that cannot run; the message says what to change."""
 
 
 class RetriesExhaustedError(RuntimeError):
     """An endpoint kept failing; the job stops with its work stored, ready to resume."""
-
-
-# ---------------------------------------------------------------- the spec
-
-
-@dataclass
-class JudgeSpec:
-    kind: str = "local"  # local (ModelHub) | openai (any OpenAI-compatible endpoint)
-    model: str = config.DEFAULT_CHAT_MODEL
-    base_url: str | None = None
-    adapter: str = BASE
-
-
-@dataclass
-class EvalSpec:
-    dataset_id: str
-    systems: list[System]
-    judge: JudgeSpec = field(default_factory=JudgeSpec)
-    metrics: list[str | dict[str, Any]] = field(default_factory=lambda: ["accuracy", "completeness"])
-    n_items: int | None = None  # None: every eval example; else a seeded sample of that many
-    seed: int = 0
-    pipeline: str | None = None  # the saved RAG pipeline the RAG systems use
-    repeats: int = 10
-    method: str = "logprobs"
-    samples: int = DEFAULT_SAMPLES
-    reasoning: bool = False
-    decoding: dict[str, Any] = field(default_factory=dict)  # GenParams fields for the answers
-    name: str = ""
-    batch_size: int = 8  # items per answer batch and per judgment batch
-    retry_delays: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    steps_max_new_tokens: int = STEPS_MAX_NEW_TOKENS
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalSpec":
-        if not isinstance(data, dict):
-            raise EvalSpecError("An evaluation spec is a JSON object.")
-        _check_keys(cls, data, "evaluation spec")
-        systems = [_system(s) for s in data.get("systems") or []]  # none: validate() says so
-        judge = data.get("judge") or {}
-        if not isinstance(judge, (dict, JudgeSpec)):
-            raise EvalSpecError("judge must be an object with kind, model and base_url.")
-        if isinstance(judge, dict):
-            _check_keys(JudgeSpec, judge, "judge")
-            judge = JudgeSpec(**judge)
-        return cls(**{**data, "dataset_id": data.get("dataset_id") or "", "systems": systems,
-                      "judge": judge})
-
-    @property
-    def effective_repeats(self) -> int:
-        return 1 if self.method == "logprobs" else self.repeats
-
-    def metric_list(self) -> list[Metric]:
-        return [metric_from(m) for m in self.metrics]
-
-    def gen_params(self) -> GenParams:
-        return GenParams(**self.decoding)
-
-    def validate(self) -> "EvalSpec":
-        if not (self.dataset_id or "").strip():
-            raise EvalSpecError("Choose a dataset to evaluate on.")
-        self._validate_systems()
-        self._validate_metrics()
-        for name, value, low in (("repeats", self.repeats, 1), ("samples", self.samples, 1),
-                                 ("batch_size", self.batch_size, 1),
-                                 ("steps_max_new_tokens", self.steps_max_new_tokens, 1)):
-            if not is_int(value) or value < low:
-                raise EvalSpecError(f"{name} must be a whole number of at least {low} (got {value!r}).")
-        if self.n_items is not None and (not is_int(self.n_items) or self.n_items < 1):
-            raise EvalSpecError(f"n_items must be at least 1, or empty for every eval item "
-                                f"(got {self.n_items!r}).")
-        if self.method not in METHODS:
-            raise EvalSpecError(f"Unknown scoring method '{self.method}': use logprobs or sampling.")
-        if self.judge.kind not in ("local", "openai") or not (self.judge.model or "").strip():
-            raise EvalSpecError("The judge needs kind 'local' or 'openai' and a model name.")
-        if not all(isinstance(d, (int, float)) and d >= 0 for d in self.retry_delays):
-            raise EvalSpecError("retry_delays must be a list of seconds (0 or more).")
-        _check_keys(GenParams, self.decoding, "decoding")
-        try:
-            self.gen_params()
-        except (TypeError, ValueError) as exc:
-            raise EvalSpecError(f"Decoding: {exc}") from exc
-        return self
-
-    def _validate_systems(self) -> None:
-        if not self.systems:
-            raise EvalSpecError("Choose at least one system to evaluate.")
-        labels = [s.label for s in self.systems]
-        twice = sorted({label for label in labels if labels.count(label) > 1})
-        if twice:
-            raise EvalSpecError(f"Two systems are the same ({', '.join(twice)}): each system must "
-                                "differ in model, adapter or RAG.")
-        for system in self.systems:
-            if system.kind not in ("local", "openai") or not (system.model or "").strip():
-                raise EvalSpecError(f"System '{system.label}' needs kind 'local' or 'openai' and a model.")
-            if system.rag and not (self.pipeline or "").strip():
-                raise EvalSpecError(f"System '{system.label}' uses RAG but no pipeline is chosen: "
-                                    "pick a saved pipeline (RAG tab) or turn RAG off.")
-
-    def _validate_metrics(self) -> None:
-        if not self.metrics:
-            raise EvalSpecError("Choose at least one metric (accuracy, completeness, or your own).")
-        try:
-            metrics = self.metric_list()
-        except MetricError as exc:
-            raise EvalSpecError(str(exc)) from exc
-        names = [m.name for m in metrics]
-        if len(set(names)) != len(names):
-            raise EvalSpecError(f"A metric is listed twice ({', '.join(names)}).")
-        if self.method == "logprobs":
-            wide = [m.name for m in metrics if not m.single_digit]
-            if wide:
-                raise EvalSpecError(f"Metric(s) {', '.join(wide)}: logprobs read one token, so "
-                                    "scores must be single digits (0-9); use sampling for a wider scale.")
-
-
-def _check_keys(cls: type, data: dict[str, Any], what: str) -> None:
-    unknown = unknown_fields(cls, data)
-    if unknown:
-        raise EvalSpecError(f"Unknown field(s) in the {what}: {', '.join(unknown)}.")
-
-
-def _system(value: System | dict[str, Any]) -> System:
-    if isinstance(value, System):
-        return value
-    if not isinstance(value, dict):
-        raise EvalSpecError(f"A system is an object with kind, model, adapter, rag, base_url; got {value!r}.")
-    data = {k: v for k, v in value.items() if k != "label"}  # labels are derived, not input
-    _check_keys(System, data, "system")
-    return System(**data)
 
 
 # ---------------------------------------------------------------- preflight
@@ -541,133 +396,3 @@ def _judge_all(ctx: JobContext, store: Any, spec: EvalSpec, plan: Plan, judge: A
                 tracker.publish_means()
 
 
-# ---------------------------------------------------------------- CLI
-
-
-def _cli_system(value: str) -> dict[str, Any]:
-    """JSON ({"kind": "openai", "model": ..., "base_url": ..., "rag": true}) or MODEL[:ADAPTER][:rag]."""
-    if value.strip().startswith("{"):
-        return json.loads(value)
-    parts = value.split(":")
-    rag = parts[-1].lower() == "rag"
-    parts = parts[:-1] if rag else parts
-    if not 1 <= len(parts) <= 2 or not parts[0]:
-        raise argparse.ArgumentTypeError(f"--system '{value}': use MODEL[:ADAPTER][:rag] or JSON.")
-    return {"kind": "local", "model": parts[0], "adapter": parts[1] if len(parts) == 2 else BASE,
-            "rag": rag}
-
-
-def _cli_metric(value: str) -> str | dict[str, Any]:
-    return json.loads(value) if value.strip().startswith("{") else value
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jobs.evaluate",
-        description="Batch G-Eval: answer the eval items with each system, judge every answer per "
-                    "metric, store everything in DuckDB (the same job and rows as the app's "
-                    "Evaluate tab). Needs the database to itself: stop the app first.")
-    p.add_argument("--spec-json", help="the whole spec as JSON, or @FILE; other options override it")
-    p.add_argument("--resume", metavar="RUN_ID", help="continue a stopped run (its job id)")
-    p.add_argument("--dataset", dest="dataset_id", help="dataset id, e.g. sample:bioasq")
-    p.add_argument("--system", dest="systems", action="append", type=_cli_system,
-                   help="MODEL[:ADAPTER][:rag] or a JSON system; repeat for each system")
-    p.add_argument("--pipeline", help="saved RAG pipeline name (needed by :rag systems)")
-    p.add_argument("--metric", dest="metrics", action="append", type=_cli_metric,
-                   help="accuracy | completeness | JSON {name, criteria, steps?, score_min?, "
-                        "score_max?, uses_context?}; repeat for each")
-    p.add_argument("--judge-kind", choices=("local", "openai"))
-    p.add_argument("--judge-model")
-    p.add_argument("--judge-base-url", help="OpenAI-compatible base URL ending in /v1 "
-                                            "(key from OPENAI_API_KEY)")
-    p.add_argument("--judge-adapter")
-    p.add_argument("--n-items", type=int, help="a seeded sample of this many eval items (default all)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--repeats", type=int, help="judgments per answer and metric (sampling)")
-    p.add_argument("--method", choices=METHODS)
-    p.add_argument("--samples", type=int, help="samples per judgment with sampling")
-    p.add_argument("--reasoning", action="store_true", default=None,
-                   help="the judge reasons first, then the score slot is read")
-    p.add_argument("--max-new-tokens", type=int, help="answer length limit")
-    p.add_argument("--temperature", type=float, help="answer temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--name", help="a name for the run")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--retry-delays", type=lambda v: [float(x) for x in v.split(",") if x],
-                   help="seconds between retries of a failing endpoint, e.g. 1,2,4")
-    return p
-
-
-def spec_from_args(args: argparse.Namespace) -> EvalSpec:
-    data: dict[str, Any] = {}
-    if args.spec_json:
-        text = args.spec_json
-        if text.startswith("@"):
-            text = Path(text[1:]).read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise EvalSpecError(f"--spec-json is not valid JSON ({exc.msg}).") from exc
-    for key in ("dataset_id", "systems", "pipeline", "metrics", "n_items", "seed", "repeats",
-                "method", "samples", "reasoning", "name", "batch_size", "retry_delays"):
-        if getattr(args, key) is not None:
-            data[key] = getattr(args, key)
-    judge = dict(data.get("judge") or {})
-    for key in ("kind", "model", "base_url", "adapter"):
-        if getattr(args, f"judge_{key}") is not None:
-            judge[key] = getattr(args, f"judge_{key}")
-    data["judge"] = judge
-    decoding = dict(data.get("decoding") or {})
-    for key in ("max_new_tokens", "temperature", "top_p"):
-        if getattr(args, key) is not None:
-            decoding[key] = getattr(args, key)
-    data["decoding"] = decoding
-    return EvalSpec.from_dict(data).validate()
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    from jobs.runner import JobError
-    from jobs.services import build_services
-
-    try:
-        spec = None if args.resume else spec_from_args(args)
-        services = build_services(warm_up=False)
-        job_id = (services.runner.resume(args.resume) if args.resume
-                  else start_evaluation(services, spec))
-    except (StoreLockedError, ValueError, JobError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"run {job_id}", flush=True)
-    try:
-        job = _follow(services, job_id)
-    except KeyboardInterrupt:
-        services.runner.cancel(job_id)
-        job = services.runner.wait(job_id)
-    if job["status"] != "done":
-        print(f"{job['status']}: {job.get('error') or job.get('message')} — resume with "
-              f"`python -m jobs.evaluate --resume {job_id}`", file=sys.stderr)
-        return 1
-    for row in summarize_run(services.store, job_id):
-        diff = "" if row["diff"] is None else f"  diff vs base {row['diff']:+.2f}"
-        mean = "n/a" if row["mean"] is None else f"{row['mean']:.2f}"
-        print(f"{row['system']:<48} {row['metric']:<14} mean {mean} (n={row['n']}, "
-              f"parse failures {row['parse_failures']}){diff}")
-    return 0
-
-
-def _follow(services: "Services", job_id: str) -> dict[str, Any]:
-    """Print the job's progress lines until it ends."""
-    last = None
-    while True:
-        job = services.runner.wait(job_id, timeout=1.0)
-        line = f"[{job['progress']:6.1%}] {job.get('message') or ''}"
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if job["status"] in ("done", "failed", "cancelled", "interrupted"):
-            return job
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,142 @@
+"""`python -m jobs.evaluate`: the same evaluation job and rows as the app's Evaluate tab."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from core.evalstats import summarize_run
+from core.geval import METHODS
+from core.store import StoreLockedError
+from core.systems import BASE
+from jobs.evaluate.run import start_evaluation
+from jobs.evaluate.spec import EvalSpec, EvalSpecError
+
+if TYPE_CHECKING:
+    from jobs.services import Services
+
+def _cli_system(value: str) -> dict[str, Any]:
+    """JSON ({"kind": "openai", "model": ..., "base_url": ..., "rag": true}) or MODEL[:ADAPTER][:rag]."""
+    if value.strip().startswith("{"):
+        return json.loads(value)
+    parts = value.split(":")
+    rag = parts[-1].lower() == "rag"
+    parts = parts[:-1] if rag else parts
+    if not 1 <= len(parts) <= 2 or not parts[0]:
+        raise argparse.ArgumentTypeError(f"--system '{value}': use MODEL[:ADAPTER][:rag] or JSON.")
+    return {"kind": "local", "model": parts[0], "adapter": parts[1] if len(parts) == 2 else BASE,
+            "rag": rag}
+
+
+def _cli_metric(value: str) -> str | dict[str, Any]:
+    return json.loads(value) if value.strip().startswith("{") else value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.evaluate",
+        description="Batch G-Eval: answer the eval items with each system, judge every answer per "
+                    "metric, store everything in DuckDB (the same job and rows as the app's "
+                    "Evaluate tab). Needs the database to itself: stop the app first.")
+    p.add_argument("--spec-json", help="the whole spec as JSON, or @FILE; other options override it")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue a stopped run (its job id)")
+    p.add_argument("--dataset", dest="dataset_id", help="dataset id, e.g. sample:bioasq")
+    p.add_argument("--system", dest="systems", action="append", type=_cli_system,
+                   help="MODEL[:ADAPTER][:rag] or a JSON system; repeat for each system")
+    p.add_argument("--pipeline", help="saved RAG pipeline name (needed by :rag systems)")
+    p.add_argument("--metric", dest="metrics", action="append", type=_cli_metric,
+                   help="accuracy | completeness | JSON {name, criteria, steps?, score_min?, "
+                        "score_max?, uses_context?}; repeat for each")
+    p.add_argument("--judge-kind", choices=("local", "openai"))
+    p.add_argument("--judge-model")
+    p.add_argument("--judge-base-url", help="OpenAI-compatible base URL ending in /v1 "
+                                            "(key from OPENAI_API_KEY)")
+    p.add_argument("--judge-adapter")
+    p.add_argument("--n-items", type=int, help="a seeded sample of this many eval items (default all)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--repeats", type=int, help="judgments per answer and metric (sampling)")
+    p.add_argument("--method", choices=METHODS)
+    p.add_argument("--samples", type=int, help="samples per judgment with sampling")
+    p.add_argument("--reasoning", action="store_true", default=None,
+                   help="the judge reasons first, then the score slot is read")
+    p.add_argument("--max-new-tokens", type=int, help="answer length limit")
+    p.add_argument("--temperature", type=float, help="answer temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--name", help="a name for the run")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--retry-delays", type=lambda v: [float(x) for x in v.split(",") if x],
+                   help="seconds between retries of a failing endpoint, e.g. 1,2,4")
+    return p
+
+
+def spec_from_args(args: argparse.Namespace) -> EvalSpec:
+    data: dict[str, Any] = {}
+    if args.spec_json:
+        text = args.spec_json
+        if text.startswith("@"):
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise EvalSpecError(f"--spec-json is not valid JSON ({exc.msg}).") from exc
+    for key in ("dataset_id", "systems", "pipeline", "metrics", "n_items", "seed", "repeats",
+                "method", "samples", "reasoning", "name", "batch_size", "retry_delays"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    judge = dict(data.get("judge") or {})
+    for key in ("kind", "model", "base_url", "adapter"):
+        if getattr(args, f"judge_{key}") is not None:
+            judge[key] = getattr(args, f"judge_{key}")
+    data["judge"] = judge
+    decoding = dict(data.get("decoding") or {})
+    for key in ("max_new_tokens", "temperature", "top_p"):
+        if getattr(args, key) is not None:
+            decoding[key] = getattr(args, key)
+    data["decoding"] = decoding
+    return EvalSpec.from_dict(data).validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from jobs.runner import JobError
+    from jobs.services import build_services
+
+    try:
+        spec = None if args.resume else spec_from_args(args)
+        services = build_services(warm_up=False)
+        job_id = (services.runner.resume(args.resume) if args.resume
+                  else start_evaluation(services, spec))
+    except (StoreLockedError, ValueError, JobError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"run {job_id}", flush=True)
+    try:
+        job = _follow(services, job_id)
+    except KeyboardInterrupt:
+        services.runner.cancel(job_id)
+        job = services.runner.wait(job_id)
+    if job["status"] != "done":
+        print(f"{job['status']}: {job.get('error') or job.get('message')} — resume with "
+              f"`python -m jobs.evaluate --resume {job_id}`", file=sys.stderr)
+        return 1
+    for row in summarize_run(services.store, job_id):
+        diff = "" if row["diff"] is None else f"  diff vs base {row['diff']:+.2f}"
+        mean = "n/a" if row["mean"] is None else f"{row['mean']:.2f}"
+        print(f"{row['system']:<48} {row['metric']:<14} mean {mean} (n={row['n']}, "
+              f"parse failures {row['parse_failures']}){diff}")
+    return 0
+
+
+def _follow(services: "Services", job_id: str) -> dict[str, Any]:
+    """Print the job's progress lines until it ends."""
+    last = None
+    while True:
+        job = services.runner.wait(job_id, timeout=1.0)
+        line = f"[{job['progress']:6.1%}] {job.get('message') or ''}"
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if job["status"] in ("done", "failed", "cancelled", "interrupted"):
+            return job
