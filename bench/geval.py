@@ -51,14 +51,12 @@ def methods(judge: LocalJudge, steps: str, items: list[FormInput], samples: int)
 def end_to_end(n_items: int, new_tokens: int, adapter_dir: Path) -> dict:
     """The evaluate job on a throwaway database: batch_size=n_items vs batch_size=1."""
     from core.store import Store
-    from jobs.evaluate import EvalSpec, evaluation_job
-    from jobs.runner import JobKind, JobRunner
-    from jobs.services import Services
+    from jobs.evaluate import EvalSpec
+    from jobs.services import build_services
 
-    services = Services(store=Store(Path(tempfile.mkdtemp(prefix="bench-geval-")) / "b.duckdb"))
-    services.runner = JobRunner(services.store, {"evaluate": JobKind(
-        thread=lambda ctx: evaluation_job(ctx, services))})
-    services.store.upsert_adapter("bench-lora", SMOLLM2, str(adapter_dir))
+    store = Store(Path(tempfile.mkdtemp(prefix="bench-geval-")) / "b.duckdb")
+    services = build_services(warm_up=False, store=store)
+    store.upsert_adapter("bench-lora", SMOLLM2, str(adapter_dir))
     results = {}
     for label, batch in (("one at a time", 1), ("batched", n_items)):
         spec = EvalSpec.from_dict({

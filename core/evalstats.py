@@ -10,7 +10,8 @@ How the numbers are made (the same for the UI, the CLI and the tests):
   d_i = score(system, i) - score(base, i); its 95% interval is a percentile bootstrap over items
   (seeded numpy, 2000 resamples by default), None for fewer than 2 paired items.
 
-Functions take rows as a list of dicts or a pandas DataFrame (e.g. from DuckDB's .df()).
+Functions take rows as a list of dicts or a pandas DataFrame (e.g. from DuckDB's .df()). Rows are
+keyed by `system_id` (core.systems); a `system` column, where present, is the display label.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import numpy as np
 
-from core.models import BASE
+from core.systems import System, base_of
 
 if TYPE_CHECKING:
     from core.store import Store
@@ -40,12 +41,12 @@ def _is_number(value: Any) -> bool:
 
 
 def item_scores(rows: Any) -> dict[tuple[str, str], dict[str, float]]:
-    """{(system, metric): {example_id: mean score over its repeats}}; items whose judgments all
+    """{(system_id, metric): {example_id: mean score over its repeats}}; items whose judgments all
     failed are absent."""
     sums: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for row in _records(rows):
         if _is_number(row.get("score")):
-            sums[(row["system"], row["metric"], row["example_id"])].append(float(row["score"]))
+            sums[(row["system_id"], row["metric"], row["example_id"])].append(float(row["score"]))
     out: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     for (system, metric, example_id), scores in sums.items():
         out[(system, metric)][example_id] = sum(scores) / len(scores)
@@ -75,39 +76,30 @@ def paired_bootstrap(diffs: Iterable[float], n_boot: int = N_BOOTSTRAP, seed: in
     return float(low), float(high)
 
 
-def default_bases(systems: list[Mapping[str, Any]]) -> dict[str, str]:
-    """Each system's base: the local system on the same model with no adapter and the same RAG
-    setting (a fine-tuned RAG system is compared with base RAG); a system that is its own such
-    base is compared with the first system listed; the first system has no base.
-    Systems are dicts with label, kind, model, adapter, rag."""
-    bases = {}
-    for system in systems:
-        twin = next((s for s in systems if s.get("kind", "local") == "local"
-                     and s.get("model") == system.get("model")
-                     and bool(s.get("rag")) == bool(system.get("rag"))
-                     and s.get("adapter", BASE) == BASE), None)
-        if twin is None or twin["label"] == system["label"]:
-            twin = systems[0]
-        if twin["label"] != system["label"]:
-            bases[system["label"]] = twin["label"]
-    return bases
+def default_bases(systems: list[System | Mapping[str, Any]]) -> dict[str, str]:
+    """{system_id: base system_id} by core.systems.base_of: a fine-tuned system is compared with
+    the base model in the same RAG setting; the first system listed has no base."""
+    resolved = [s if isinstance(s, System) else System.from_fields(s) for s in systems]
+    return {s.id: base.id for s in resolved if (base := base_of(s, resolved)) is not None}
 
 
 def summarize(rows: Any, bases: Mapping[str, str] | str | None = None, n_boot: int = N_BOOTSTRAP,
               seed: int = 0, confidence: float = CONFIDENCE) -> list[dict[str, Any]]:
-    """One dict per (system, metric): n, mean, std, ci_low/ci_high (t), judgments,
-    parse_failures, unscored_items, and base, diff, diff_ci_low/diff_ci_high, n_paired.
+    """One dict per (system_id, metric): system (label), n, mean, std, ci_low/ci_high (t),
+    judgments, parse_failures, unscored_items, and base (its system_id), diff,
+    diff_ci_low/diff_ci_high, n_paired.
 
-    `bases` maps a system to its base system (or one label for all); a system is not compared
+    `bases` maps a system_id to its base's (or one system_id for all); a system is not compared
     with itself.
     """
     records = _records(rows)
     scores = item_scores(records)
+    labels = {row["system_id"]: row.get("system") or row["system_id"] for row in records}
     counts: dict[tuple[str, str], dict[str, Any]] = defaultdict(lambda: {"judgments": 0,
                                                                          "parse_failures": 0,
                                                                          "items": set()})
     for row in records:
-        c = counts[(row["system"], row["metric"])]
+        c = counts[(row["system_id"], row["metric"])]
         c["judgments"] += 1
         c["parse_failures"] += int(row.get("parse_failures") or 0)
         c["items"].add(row["example_id"])
@@ -116,7 +108,7 @@ def summarize(rows: Any, bases: Mapping[str, str] | str | None = None, n_boot: i
         per_item = scores.get((system, metric), {})
         values = np.asarray(list(per_item.values()), dtype=float)
         ci = t_interval(values, confidence)
-        row = {"system": system, "metric": metric, "n": int(values.size),
+        row = {"system_id": system, "system": labels[system], "metric": metric, "n": int(values.size),
                "mean": float(values.mean()) if values.size else None,
                "std": float(values.std(ddof=1)) if values.size > 1 else None,
                "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
@@ -156,15 +148,17 @@ def summarize_run(store: "Store", run_id: str, n_boot: int = N_BOOTSTRAP,
 
 def compare_runs(store: "Store", run_a: str, run_b: str, n_boot: int = N_BOOTSTRAP,
                  seed: int = 0) -> list[dict[str, Any]]:
-    """Run B minus run A per (system, metric) present in both, paired over common items (e.g. the
-    same eval set judged by two judges, or before/after a new adapter under the same label)."""
-    a, b = (item_scores(store.eval_judgments(r)) for r in (run_a, run_b))
+    """Run B minus run A per (system_id, metric) present in both, paired over common items (e.g.
+    the same eval set judged by two judges, or answered with two decodings)."""
+    rows_a, rows_b = store.eval_judgments(run_a), store.eval_judgments(run_b)
+    labels = {r["system_id"]: r.get("system") or r["system_id"] for r in rows_a + rows_b}
+    a, b = item_scores(rows_a), item_scores(rows_b)
     out = []
     for key in sorted(set(a) & set(b)):
         common = sorted(set(a[key]) & set(b[key]))
         diffs = [b[key][i] - a[key][i] for i in common]
         ci = paired_bootstrap(diffs, n_boot, seed)
-        out.append({"system": key[0], "metric": key[1],
+        out.append({"system_id": key[0], "system": labels[key[0]], "metric": key[1],
                     "mean_a": float(np.mean(list(a[key].values()))),
                     "mean_b": float(np.mean(list(b[key].values()))),
                     "diff": float(np.mean(diffs)) if diffs else None,

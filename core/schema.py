@@ -29,6 +29,17 @@ class QAExample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SplitSetting:
+    """A dataset's one train/eval split: which examples are held out for evaluation."""
+
+    seed: int = 0
+    eval_fraction: float = 0.3
+
+
+DEFAULT_SPLIT = SplitSetting()
+
+
 def split_of(example_id: str, seed: int = 0, eval_fraction: float = 0.3) -> Split:
     """Deterministic train/eval assignment from a seeded hash of the id.
 

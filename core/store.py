@@ -6,19 +6,40 @@ hit DuckDB's write-write conflicts on the same rows.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import duckdb
 
 from core import config
+from core.schema import DEFAULT_SPLIT, QAExample, SplitSetting
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 JOB_JSON_COLUMNS = ("spec", "result")
+
+
+# Shown in the SQL box: they double as documentation of how the tables join.
+EXAMPLE_QUERIES = {
+    "Runs with counts": "SELECT r.id, r.name, r.dataset_id, r.status, count(g.score) AS judgments "
+                        "FROM eval_runs r LEFT JOIN judgments g ON g.run_id = r.id "
+                        "GROUP BY ALL ORDER BY r.id DESC",
+    "Mean score per system and metric": "SELECT j.run_id, s.label AS system, j.metric, "
+                                        "round(avg(j.score), 3) AS mean, count(*) AS n FROM "
+                                        "judgments j JOIN systems s ON s.id = j.system_id "
+                                        "GROUP BY ALL ORDER BY ALL",
+    "Parse failures": "SELECT j.run_id, s.label AS system, j.metric, sum(j.parse_failures) AS "
+                      "failures FROM judgments j JOIN systems s ON s.id = j.system_id "
+                      "GROUP BY ALL HAVING failures > 0",
+    "Adapters and their losses": "SELECT name, base_model, metrics->>'final_train_loss' AS "
+                                 "train_loss, metrics->>'n_train' AS n_train FROM adapters",
+    "Votes": "SELECT choice, count(*) AS n FROM votes GROUP BY ALL",
+}
 
 
 class StoreLockedError(RuntimeError):
@@ -37,13 +58,28 @@ def now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) for every core/migrations/NNN_name.sql, in order."""
+def migrations() -> list[tuple[int, str, Path]]:
+    """(version, name, path) for every core/migrations/NNN_name.sql or .py, in order.
+
+    A .sql migration is run as it is; a .py one defines `migrate(cursor)` for changes SQL cannot
+    express alone (e.g. ids computed by Python code). Both run inside the same transaction as the
+    version row that records them."""
     found = []
-    for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9]_*.sql")):
-        version, name = path.stem.split("_", 1)
-        found.append((int(version), name, path.read_text()))
+    for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9]_*.*")):
+        if path.suffix in (".sql", ".py"):
+            version, name = path.stem.split("_", 1)
+            found.append((int(version), name, path))
     return found
+
+
+def _apply(cur: duckdb.DuckDBPyConnection, path: Path) -> None:
+    if path.suffix == ".sql":
+        cur.execute(path.read_text())
+        return
+    module_spec = importlib.util.spec_from_file_location(f"migration_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    module.migrate(cur)
 
 
 class Store:
@@ -77,6 +113,19 @@ class Store:
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor inside BEGIN ... COMMIT under the write lock; any error rolls back."""
+        with self._write_lock:
+            cur = self._cursor()
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
     def close(self) -> None:
         self._conn.close()
 
@@ -90,19 +139,12 @@ class Store:
             )
             done = {r[0] for r in cur.execute("SELECT version FROM schema_migrations").fetchall()}
             applied = []
-            for version, name, sql in migrations():
+            for version, name, path in migrations():
                 if version in done:
                     continue
-                cur.execute("BEGIN TRANSACTION")
-                try:
-                    cur.execute(sql)
-                    cur.execute(
-                        "INSERT INTO schema_migrations VALUES (?, ?, ?)", [version, name, now()]
-                    )
-                    cur.execute("COMMIT")
-                except Exception:
-                    cur.execute("ROLLBACK")
-                    raise
+                with self.transaction() as tx:
+                    _apply(tx, path)
+                    tx.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", [version, name, now()])
                 applied.append(version)
             return applied
 
@@ -152,33 +194,50 @@ class Store:
 
     # -- datasets ---------------------------------------------------------------------------
     def save_dataset(self, dataset_id: str, name: str, source: str, examples: list[dict],
-                     n_passages: int, meta: dict[str, Any] | None = None) -> None:
+                     n_passages: int, split: SplitSetting = DEFAULT_SPLIT) -> None:
         """Replace a dataset's row and its examples (dicts with id, question, answer, contexts,
-        split, meta) in one transaction."""
-        with self._write_lock:
-            cur = self._cursor()
-            cur.execute("BEGIN TRANSACTION")
-            try:
-                cur.execute("DELETE FROM examples WHERE dataset_id = ?", [dataset_id])
-                cur.execute("DELETE FROM datasets WHERE id = ?", [dataset_id])
-                cur.execute(
-                    "INSERT INTO datasets (id, name, source, n_examples, n_passages, meta, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [dataset_id, name, source, len(examples), n_passages,
-                     json.dumps(meta or {}), now()],
-                )
-                cur.executemany(
-                    "INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [[dataset_id, e["id"], e["question"], e["answer"], e["contexts"],
-                      e["split"], json.dumps(e.get("meta") or {})] for e in examples],
-                )
-                cur.execute("COMMIT")
-            except Exception:
-                cur.execute("ROLLBACK")
-                raise
+        split, meta) in one transaction; `split` is the setting that assigned their splits."""
+        with self.transaction() as cur:
+            cur.execute("DELETE FROM examples WHERE dataset_id = ?", [dataset_id])
+            cur.execute("DELETE FROM datasets WHERE id = ?", [dataset_id])
+            cur.execute(
+                "INSERT INTO datasets (id, name, source, n_examples, n_passages, meta, split_seed, "
+                "eval_fraction, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [dataset_id, name, source, len(examples), n_passages, json.dumps({}), split.seed,
+                 split.eval_fraction, now()],
+            )
+            cur.executemany(
+                "INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [[dataset_id, e["id"], e["question"], e["answer"], e["contexts"],
+                  e["split"], json.dumps(e.get("meta") or {})] for e in examples],
+            )
 
     def list_datasets(self) -> list[dict[str, Any]]:
         return self.query("SELECT * FROM datasets ORDER BY created_at DESC")
+
+    def dataset_split(self, dataset_id: str) -> SplitSetting | None:
+        rows = self.query("SELECT split_seed, eval_fraction FROM datasets WHERE id = ?", [dataset_id])
+        return SplitSetting(rows[0]["split_seed"], rows[0]["eval_fraction"]) if rows else None
+
+    def eval_split(self, dataset_id: str) -> list[QAExample] | None:
+        """The recorded eval examples of a dataset; None when the dataset was never recorded."""
+        if self.dataset_split(dataset_id) is None:
+            return None
+        rows = self.query("SELECT id, question, answer, contexts FROM examples WHERE "
+                          "dataset_id = ? AND split = 'eval' ORDER BY id", [dataset_id])
+        return [QAExample(r["id"], r["question"], r["answer"] or "", list(r["contexts"] or []))
+                for r in rows]
+
+    # -- pipelines ----------------------------------------------------------------------------
+    def save_pipeline(self, name: str, spec: dict[str, Any], haystack_yaml: str | None) -> None:
+        self.execute(
+            "INSERT INTO pipelines (name, spec, haystack_yaml, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, "
+            "haystack_yaml = excluded.haystack_yaml, updated_at = excluded.updated_at",
+            [name, json.dumps(spec), haystack_yaml, now()])
+
+    def delete_pipeline(self, name: str) -> None:
+        self.execute("DELETE FROM pipelines WHERE name = ?", [name])
 
     # -- votes ------------------------------------------------------------------------------
     def add_vote(self, question: str, systems: list[Any], answers: list[str], choice: str,
@@ -214,10 +273,10 @@ class Store:
         self.execute("DELETE FROM adapters WHERE name = ?", [name])
 
     # -- evaluation -------------------------------------------------------------------------
-    # G-Eval runs (jobs/evaluate.py), their answers and judgments, the steps cache (core/geval.py),
-    # exports, and the read-only SQL box. Keys: answers (run_id, example_id, system); judgments
-    # (run_id, example_id, system, metric, repeat); inserts never overwrite, so a resumed run
-    # cannot duplicate or change finished work.
+    # G-Eval runs (jobs/evaluate), their systems, answers and judgments, the steps cache
+    # (core/geval.py), exports, and the read-only SQL box. Keys: answers (run_id, example_id,
+    # system_id); judgments (run_id, example_id, system_id, metric, repeat); inserts never
+    # overwrite, so a resumed run cannot duplicate or change finished work.
     def get_geval_steps(self, metric: str, judge: str, criteria_hash: str) -> str | None:
         rows = self.query("SELECT steps FROM geval_steps WHERE metric = ? AND judge = ? AND "
                           "criteria_hash = ?", [metric, judge, criteria_hash])
@@ -263,91 +322,100 @@ class Store:
         return [_decode_json(r, ("spec",)) for r in rows]
 
     def delete_eval_run(self, run_id: str) -> None:
-        with self._write_lock:
-            cur = self._cursor()
-            cur.execute("BEGIN TRANSACTION")
-            try:
-                for table, key in (("judgments", "run_id"), ("answers", "run_id"), ("eval_runs", "id")):
-                    cur.execute(f"DELETE FROM {table} WHERE {key} = ?", [run_id])
-                cur.execute("COMMIT")
-            except Exception:
-                cur.execute("ROLLBACK")
-                raise
+        with self.transaction() as cur:
+            for table, key in (("judgments", "run_id"), ("answers", "run_id"), ("eval_runs", "id")):
+                cur.execute(f"DELETE FROM {table} WHERE {key} = ?", [run_id])
 
-    def save_answer(self, run_id: str, example_id: str, system: str, answer: str, prompt: Any,
+    def save_systems(self, systems: list[Any]) -> None:
+        """Record each core.systems.System under its id (the label is refreshed, never a key)."""
+        for system in systems:
+            self.execute(
+                "INSERT INTO systems (id, kind, model, adapter, rag, base_url, pipeline, label, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "label = excluded.label",
+                [system.id, system.kind, system.model, system.adapter, system.rag, system.base_url,
+                 system.pipeline, system.label, now()])
+
+    def save_answer(self, run_id: str, example_id: str, system_id: str, answer: str, prompt: Any,
                     retrieved: Any, prompt_tokens: int, new_tokens: int, seconds: float,
                     error: str | None = None) -> None:
         self.execute(
-            "INSERT INTO answers (run_id, example_id, system, answer, prompt, retrieved, "
+            "INSERT INTO answers (run_id, example_id, system_id, answer, prompt, retrieved, "
             "prompt_tokens, new_tokens, seconds, error, created_at) VALUES "
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [run_id, example_id, system, answer, _json_or_null(prompt), _json_or_null(retrieved),
+            [run_id, example_id, system_id, answer, _json_or_null(prompt), _json_or_null(retrieved),
              prompt_tokens, new_tokens, seconds, error, now()])
 
     def answer_keys(self, run_id: str) -> set[tuple[str, str]]:
-        rows = self.query("SELECT example_id, system FROM answers WHERE run_id = ?", [run_id])
-        return {(r["example_id"], r["system"]) for r in rows}
+        rows = self.query("SELECT example_id, system_id FROM answers WHERE run_id = ?", [run_id])
+        return {(r["example_id"], r["system_id"]) for r in rows}
 
     def eval_answers(self, run_id: str) -> list[dict[str, Any]]:
-        rows = self.query("SELECT * FROM answers WHERE run_id = ? ORDER BY example_id, system",
+        rows = self.query("SELECT a.*, s.label AS system FROM answers a LEFT JOIN systems s ON "
+                          "s.id = a.system_id WHERE a.run_id = ? ORDER BY a.example_id, a.system_id",
                           [run_id])
         return [_decode_json(r, ("retrieved",)) for r in rows]
 
-    def save_judgment(self, run_id: str, example_id: str, system: str, repeat: int,
+    def save_judgment(self, run_id: str, example_id: str, system_id: str, repeat: int,
                       judgment: dict[str, Any]) -> None:
         """`judgment`: metric, method, judge, prompt_hash, raw, parsed_scores, distribution,
         score, parse_failures, reasoning, mass (core.geval.Judgment.to_row())."""
         j = judgment
         self.execute(
-            "INSERT INTO judgments (run_id, example_id, system, metric, repeat, method, judge, "
+            "INSERT INTO judgments (run_id, example_id, system_id, metric, repeat, method, judge, "
             "prompt_hash, raw, parsed_scores, distribution, score, parse_failures, reasoning, "
             "mass, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT DO NOTHING",
-            [run_id, example_id, system, j["metric"], repeat, j["method"], j["judge"],
+            [run_id, example_id, system_id, j["metric"], repeat, j["method"], j["judge"],
              j["prompt_hash"], _json_or_null(j["raw"]), _json_or_null(j["parsed_scores"]),
              _json_or_null(j["distribution"]), j["score"], j["parse_failures"], j["reasoning"],
              j["mass"], now()])
 
     def judgment_keys(self, run_id: str) -> set[tuple[str, str, str, int]]:
-        rows = self.query("SELECT example_id, system, metric, repeat FROM judgments "
+        rows = self.query("SELECT example_id, system_id, metric, repeat FROM judgments "
                           "WHERE run_id = ?", [run_id])
-        return {(r["example_id"], r["system"], r["metric"], r["repeat"]) for r in rows}
+        return {(r["example_id"], r["system_id"], r["metric"], r["repeat"]) for r in rows}
 
     def eval_judgments(self, run_id: str) -> list[dict[str, Any]]:
-        """Every judgment of a run (the input of core.evalstats.summarize)."""
-        rows = self.query("SELECT * FROM judgments WHERE run_id = ? ORDER BY system, metric, "
-                          "example_id, repeat", [run_id])
+        """Every judgment of a run with its system's label as `system` (the input of
+        core.evalstats.summarize, which keys on system_id)."""
+        rows = self.query("SELECT j.*, s.label AS system FROM judgments j LEFT JOIN systems s ON "
+                          "s.id = j.system_id WHERE j.run_id = ? ORDER BY j.system_id, j.metric, "
+                          "j.example_id, j.repeat", [run_id])
         return [_decode_json(r, ("raw", "parsed_scores", "distribution")) for r in rows]
 
     def eval_running_means(self, run_id: str) -> list[dict[str, Any]]:
         """Mean over items of each item's mean score so far, per (system, metric); the same rule
         as core.evalstats (parse failures left out)."""
         return self.query(
-            "SELECT system, metric, avg(item_score) AS mean, count(*) AS n FROM ("
-            "SELECT system, metric, example_id, avg(score) AS item_score FROM judgments "
-            "WHERE run_id = ? AND score IS NOT NULL GROUP BY ALL) GROUP BY ALL "
-            "ORDER BY system, metric", [run_id])
+            "SELECT i.system_id, s.label AS system, i.metric, avg(i.item_score) AS mean, "
+            "count(*) AS n FROM (SELECT system_id, metric, example_id, avg(score) AS item_score "
+            "FROM judgments WHERE run_id = ? AND score IS NOT NULL GROUP BY ALL) i "
+            "LEFT JOIN systems s ON s.id = i.system_id GROUP BY ALL ORDER BY i.system_id, i.metric",
+            [run_id])
 
-    def eval_items(self, run_id: str, system: str | None = None,
+    def eval_items(self, run_id: str, system_id: str | None = None,
                    metric: str | None = None) -> list[dict[str, Any]]:
         """Drill-down: one row per (item, system, metric) with the question, reference answer,
         the system's answer, the mean score over repeats, every repeat's score and failures."""
         where, params = ["g.run_id = ?"], [run_id]
-        for column, value in (("g.system", system), ("g.metric", metric)):
+        for column, value in (("g.system_id", system_id), ("g.metric", metric)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
         return self.query(
-            "SELECT g.example_id, g.system, g.metric, e.question, e.answer AS reference, "
-            "a.answer, avg(g.score) AS score, list(g.score ORDER BY g.repeat) AS scores, "
+            "SELECT g.example_id, g.system_id, s.label AS system, g.metric, e.question, "
+            "e.answer AS reference, a.answer, avg(g.score) AS score, "
+            "list(g.score ORDER BY g.repeat) AS scores, "
             "count(*) AS judgments, sum(g.parse_failures) AS parse_failures, "
             "any_value(g.method) AS method, any_value(g.reasoning) AS reasoning "
             "FROM judgments g JOIN eval_runs r ON r.id = g.run_id "
+            "LEFT JOIN systems s ON s.id = g.system_id "
             "LEFT JOIN answers a ON a.run_id = g.run_id AND a.example_id = g.example_id "
-            "AND a.system = g.system "
+            "AND a.system_id = g.system_id "
             "LEFT JOIN examples e ON e.dataset_id = r.dataset_id AND e.id = g.example_id "
             f"WHERE {' AND '.join(where)} "
-            "GROUP BY ALL ORDER BY g.system, g.metric, g.example_id", params)
+            "GROUP BY ALL ORDER BY g.system_id, g.metric, g.example_id", params)
 
     def export_eval_run(self, run_id: str, folder: str | Path, fmt: str = "csv") -> list[Path]:
         """Write the run's answers and judgments as <run>_answers.<fmt> and <run>_judgments.<fmt>."""

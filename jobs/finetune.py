@@ -263,6 +263,7 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "spec.json", spec.to_dict())
         write_json(folder / "train_ids.json", {
+            "dataset_id": data.sample.dataset_id,
             "train": [ex.id for ex in data.sample.train], "validation": [ex.id for ex in data.sample.val],
             "split_seed": spec.split_seed, "eval_fraction": spec.eval_fraction})
 

@@ -200,6 +200,7 @@ def _check_number(value: Any, what: str, low: float, high: float | None = None,
 
 @dataclass
 class Sample:
+    dataset_id: str  # the dataset's catalog id (QADataset.source), recorded with the train ids
     train: list[QAExample]
     val: list[QAExample]
     train_split_size: int
@@ -223,7 +224,8 @@ def draw_sample(spec: FinetuneSpec, dataset: QADataset) -> Sample:
             f"{max(len(train_split) - spec.val_size, 0)} (or val_size), or load a larger dataset.")
     shuffled = sorted(train_split, key=lambda ex: ex.id)
     random.Random(spec.seed).shuffle(shuffled)
-    return Sample(train=shuffled[spec.val_size:needed], val=shuffled[:spec.val_size],
+    return Sample(dataset_id=dataset.source, train=shuffled[spec.val_size:needed],
+                  val=shuffled[:spec.val_size],
                   train_split_size=len(train_split), eval_split_size=len(eval_split))
 
 

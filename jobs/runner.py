@@ -120,6 +120,18 @@ class JobRunner:
         self.interrupted_on_start = store.mark_interrupted()
 
     # -- public API -------------------------------------------------------------------------
+    def register(self, kind: str, how: JobKind) -> None:
+        """Add a kind of job (the wiring registers each once, before the first start)."""
+        self.kinds[kind] = how
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        """The job's record; JobError for an unknown id."""
+        return self._job(job_id)
+
+    def jobs(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest jobs first (all kinds, or one)."""
+        return self.store.list_jobs(kind, limit)
+
     def start(self, kind: str, spec: dict[str, Any]) -> str:
         if kind not in self.kinds:
             raise JobError(f"Unknown job kind '{kind}'. Known: {', '.join(sorted(self.kinds))}.")

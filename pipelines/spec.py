@@ -204,13 +204,7 @@ def save_spec(spec: PipelineSpec, haystack_yaml: str | None = None, store: Store
     if haystack_yaml is not None:
         _write_atomic(yaml_path, haystack_yaml)
     if store is not None:
-        from core.store import now
-
-        store.execute(
-            "INSERT INTO pipelines (name, spec, haystack_yaml, updated_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (name) DO UPDATE SET spec = excluded.spec, "
-            "haystack_yaml = excluded.haystack_yaml, updated_at = excluded.updated_at",
-            [spec.name, json.dumps(spec.to_dict()), haystack_yaml, now()])
+        store.save_pipeline(spec.name, spec.to_dict(), haystack_yaml)
     return path
 
 
@@ -238,7 +232,7 @@ def delete_spec(name: str, store: Store | None = None) -> None:
         (specs_dir() / f"{name}{suffix}").unlink(missing_ok=True)
     shutil.rmtree(index_dir(name), ignore_errors=True)
     if store is not None:
-        store.execute("DELETE FROM pipelines WHERE name = ?", [name])
+        store.delete_pipeline(name)
 
 
 def _check_name(name: str) -> None:

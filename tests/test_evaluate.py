@@ -18,7 +18,8 @@ from core.evalstats import summarize_run
 from core.models import SMOLLM2, model_path
 from core.schema import QAExample
 from core.store import ReadOnlyQueryError, Store
-from jobs.evaluate import EvalSpec, EvalSpecError, preflight, select_examples, start_evaluation
+from core.systems import System
+from jobs.evaluate import EvalSpec, EvalSpecError, preflight, select_examples
 from jobs.services import build_services
 from pipelines import indexing
 from pipelines.spec import PipelineSpec, SpecError, save_spec
@@ -49,7 +50,7 @@ def services():
 @pytest.fixture(scope="module")
 def bm25(services) -> str:
     spec = PipelineSpec(name="eval-bm25", retriever="bm25", top_k=2)
-    indexing.build_index(spec, services.dataset("sample:bioasq").corpus)
+    indexing.build_index(spec, services.datasets.get("sample:bioasq").corpus)
     save_spec(spec, store=services.store)
     return spec.name
 
@@ -101,19 +102,20 @@ def test_spec_round_trips_through_json():
 
 def test_datasets_pipelines_and_adapters_are_checked_before_the_job(services):
     empty = [QAExample(f"noref-{i}", f"Question {i}?", "") for i in range(20)]
-    services.add_dataset(QADataset("noref", "upload:noref.csv", empty, []))
+    services.datasets.add(QADataset("noref", "upload:noref.csv", empty, []))
+    res = services.evaluations.resources
     with pytest.raises(EvalSpecError, match=r"have no reference answer \(e.g. 'noref-"):
-        select_examples(services, EvalSpec.from_dict(spec_dict(dataset_id="upload:noref.csv")))
+        select_examples(res, EvalSpec.from_dict(spec_dict(dataset_id="upload:noref.csv")))
     with pytest.raises(EvalSpecError, match="'upload:never.csv' is not loaded"):
-        preflight(services, EvalSpec.from_dict(spec_dict(dataset_id="upload:never.csv")))
+        preflight(res, EvalSpec.from_dict(spec_dict(dataset_id="upload:never.csv")))
     with pytest.raises(SpecError, match="No saved pipeline named 'nowhere'"):
-        preflight(services, EvalSpec.from_dict(spec_dict(systems=[RAG_SYSTEM], pipeline="nowhere")))
+        preflight(res, EvalSpec.from_dict(spec_dict(systems=[RAG_SYSTEM], pipeline="nowhere")))
     with pytest.raises(EvalSpecError, match="Unknown adapter 'ghost'"):
-        preflight(services, EvalSpec.from_dict(spec_dict(systems=[{"model": SMOLLM2, "adapter": "ghost"}])))
-    picked = select_examples(services, EvalSpec.from_dict(spec_dict(n_items=3, seed=7)))
-    assert picked == select_examples(services, EvalSpec.from_dict(spec_dict(n_items=3, seed=7)))
+        preflight(res, EvalSpec.from_dict(spec_dict(systems=[{"model": SMOLLM2, "adapter": "ghost"}])))
+    picked = select_examples(res, EvalSpec.from_dict(spec_dict(n_items=3, seed=7)))
+    assert picked == select_examples(res, EvalSpec.from_dict(spec_dict(n_items=3, seed=7)))
     assert len(picked) == 3 and [e.id for e in picked] == sorted(e.id for e in picked)
-    assert {e.id for e in picked} <= {e.id for e in services.eval_examples("sample:bioasq")}
+    assert {e.id for e in picked} <= {e.id for e in services.datasets.eval_examples("sample:bioasq")}
 
 
 def test_sql_box_runs_selects_only(tmp_path):
@@ -149,9 +151,9 @@ def test_cli_refuses_a_locked_database_and_bad_options(tmp_path):
 
 
 def _rows(store: Store, run_id: str) -> tuple[list, list]:
-    answers = store.query("SELECT example_id, system, answer, created_at FROM answers WHERE "
+    answers = store.query("SELECT example_id, system_id, answer, created_at FROM answers WHERE "
                           "run_id = ? ORDER BY ALL", [run_id])
-    judgments = store.query("SELECT example_id, system, metric, repeat, score, created_at FROM "
+    judgments = store.query("SELECT example_id, system_id, metric, repeat, score, created_at FROM "
                             "judgments WHERE run_id = ? ORDER BY ALL", [run_id])
     return answers, judgments
 
@@ -162,7 +164,7 @@ def resumed_run(services, bm25):
     spec = EvalSpec.from_dict(spec_dict(systems=[BASE_SYSTEM, RAG_SYSTEM], pipeline=bm25,
                                         metrics=[ACCURACY, COMPLETENESS]))
     store, runner = services.store, services.runner
-    run_id = start_evaluation(services, spec)
+    run_id = services.evaluations.start(spec)
     assert wait_for(lambda: count(store, "judgments", run_id) >= 1), runner.log_tail(run_id)
     runner.cancel(run_id)
     cancelled = runner.wait(run_id)
@@ -185,9 +187,9 @@ def test_cancelled_run_resumes_with_exactly_one_row_per_key(services, resumed_ru
     assert job["attempts"] == 2 and job["result"]["judgments"] == 8
     keys = store.query(
         "SELECT (SELECT count(*) FROM answers WHERE run_id = $1) AS answers, "
-        "(SELECT count(DISTINCT (example_id, system)) FROM answers WHERE run_id = $1) AS answer_keys, "
+        "(SELECT count(DISTINCT (example_id, system_id)) FROM answers WHERE run_id = $1) AS answer_keys, "
         "(SELECT count(*) FROM judgments WHERE run_id = $1) AS judgments, "
-        "(SELECT count(DISTINCT (example_id, system, metric, repeat)) FROM judgments "
+        "(SELECT count(DISTINCT (example_id, system_id, metric, repeat)) FROM judgments "
         " WHERE run_id = $1) AS judgment_keys, "
         "(SELECT max(repeat) FROM judgments WHERE run_id = $1) AS max_repeat", [run_id])[0]
     assert keys == {"answers": 4, "answer_keys": 4, "judgments": 8, "judgment_keys": 8,
@@ -198,38 +200,39 @@ def test_cancelled_run_resumes_with_exactly_one_row_per_key(services, resumed_ru
     run = store.get_eval_run(run_id)
     assert run["status"] == "done" and run["spec"]["effective_repeats"] == 1
     assert "deterministic" in run["spec"]["repeats_note"] and run["spec"]["repeats"] == 2
-    retrieved = {r["system"]: r["retrieved"] for r in store.eval_answers(run_id)}
-    assert retrieved[f"{SMOLLM2} (base) · no RAG"] is None
-    assert len(retrieved[f"{SMOLLM2} (base) · RAG"]) == 2
+    retrieved = {r["system_id"]: r["retrieved"] for r in store.eval_answers(run_id)}
+    assert retrieved[System(model=SMOLLM2).id] is None
+    assert len(retrieved[System(model=SMOLLM2, rag=True, pipeline="eval-bm25").id]) == 2
     methods = store.query("SELECT DISTINCT method, judge FROM judgments WHERE run_id = ?", [run_id])
     assert methods == [{"method": "logprobs", "judge": f"local:{SMOLLM2}"}]
     points = services.runner.metrics(run_id)
-    assert points and {"system", "metric", "mean", "n"} <= set(points[-1])
+    assert points and {"system_id", "system", "metric", "mean", "n"} <= set(points[-1])
 
 
 @pytest.mark.integration
 def test_summary_equals_a_sql_recomputation(services, resumed_run, tmp_path):
     store, run_id = services.store, resumed_run["id"]
     sql = store.query(
-        "WITH items AS (SELECT system, metric, example_id, avg(score) AS s FROM judgments "
+        "WITH items AS (SELECT system_id, metric, example_id, avg(score) AS s FROM judgments "
         "WHERE run_id = ? AND score IS NOT NULL GROUP BY ALL) "
-        "SELECT system, metric, avg(s) AS mean, stddev_samp(s) AS std, count(*) AS n FROM items "
+        "SELECT system_id, metric, avg(s) AS mean, stddev_samp(s) AS std, count(*) AS n FROM items "
         "GROUP BY ALL", [run_id])
-    summary = {(r["system"], r["metric"]): r for r in summarize_run(store, run_id)}
+    summary = {(r["system_id"], r["metric"]): r for r in summarize_run(store, run_id)}
     assert len(sql) == len(summary) == 4
     for row in sql:
-        mine = summary[(row["system"], row["metric"])]
+        mine = summary[(row["system_id"], row["metric"])]
         assert (mine["mean"], mine["std"], mine["n"]) == pytest.approx((row["mean"], row["std"], row["n"]))
         assert mine["ci_low"] < mine["mean"] < mine["ci_high"]
     diffs = store.query(
-        "WITH items AS (SELECT system, metric, example_id, avg(score) AS s FROM judgments "
-        "WHERE run_id = ? AND score IS NOT NULL GROUP BY ALL) "
+        "WITH items AS (SELECT j.system_id, s.rag, j.metric, j.example_id, avg(j.score) AS s "
+        "FROM judgments j JOIN systems s ON s.id = j.system_id "
+        "WHERE j.run_id = ? AND j.score IS NOT NULL GROUP BY ALL) "
         "SELECT t.metric, avg(t.s - b.s) AS diff, count(*) AS n FROM items t JOIN items b "
         "ON t.metric = b.metric AND t.example_id = b.example_id "
-        "WHERE t.system LIKE '%· RAG' AND b.system LIKE '%· no RAG' GROUP BY ALL", [run_id])
+        "WHERE t.rag AND NOT b.rag GROUP BY ALL", [run_id])
     for row in diffs:
-        mine = summary[(f"{SMOLLM2} (base) · RAG", row["metric"])]
-        assert mine["base"] == f"{SMOLLM2} (base) · no RAG"
+        mine = summary[(System(model=SMOLLM2, rag=True, pipeline="eval-bm25").id, row["metric"])]
+        assert mine["base"] == System(model=SMOLLM2).id
         assert (mine["diff"], mine["n_paired"]) == pytest.approx((row["diff"], row["n"]))
         assert mine["diff_ci_low"] <= mine["diff"] <= mine["diff_ci_high"]
     drill = store.eval_items(run_id, metric="accuracy")
@@ -250,18 +253,18 @@ def test_cli_and_runner_write_the_same_rows(services, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     cli_run = result.stdout.split("run ", 1)[1].split()[0]
     assert "accuracy" in result.stdout.splitlines()[-1]
-    runner_run = start_evaluation(services, EvalSpec.from_dict(spec))
+    runner_run = services.evaluations.start(EvalSpec.from_dict(spec))
     assert services.runner.wait(runner_run)["status"] == "done"
     cli_store = Store(tmp_path / "cli" / "app.duckdb")
     try:
         jobs = [store.get_job(run) for store, run in ((cli_store, cli_run), (services.store, runner_run))]
         assert [(j["kind"], j["status"]) for j in jobs] == [("evaluate", "done")] * 2
         assert jobs[0]["spec"] == jobs[1]["spec"] == EvalSpec.from_dict(spec).to_dict()
-        answers = [store.query("SELECT example_id, system, answer FROM answers WHERE run_id = ? "
+        answers = [store.query("SELECT example_id, system_id, answer FROM answers WHERE run_id = ? "
                                "ORDER BY ALL", [run]) for store, run in
                    ((cli_store, cli_run), (services.store, runner_run))]
         assert len(answers[0]) == 2 and answers[0] == answers[1]
-        judged = [store.query("SELECT example_id, system, metric, repeat, method, judge, "
+        judged = [store.query("SELECT example_id, system_id, metric, repeat, method, judge, "
                               "json_array_length(parsed_scores) AS samples FROM judgments "
                               "WHERE run_id = ? ORDER BY ALL", [run]) for store, run in
                   ((cli_store, cli_run), (services.store, runner_run))]
@@ -283,7 +286,7 @@ def test_failing_judge_is_retried_then_fails_and_later_resumes(services):
                                                "base_url": url}, samples=2,
                                         decoding={"max_new_tokens": 8}))
     store, runner = services.store, services.runner
-    run_id = start_evaluation(services, spec)
+    run_id = services.evaluations.start(spec)
     job = runner.wait(run_id)
     assert job["status"] == "failed"
     assert "failed 3 time(s)" in job["error"] and url in job["error"] and "resume" in job["error"]
@@ -303,3 +306,43 @@ def test_failing_judge_is_retried_then_fails_and_later_resumes(services):
         assert row["method"] == "sampling-fallback" and row["judge"] == f"openai:{model_path(SMOLLM2)}@{url}"
         assert len(row["raw"]) == 2 and len(row["parsed_scores"]) == 2
         assert row["parse_failures"] == sum(p is None for p in row["parsed_scores"])
+
+
+def test_an_adapter_trained_on_eval_items_is_refused(services, tmp_path):
+    """The one-split guarantee, checked where it matters: an adapter whose recorded training ids
+    touch the items a run would judge is refused before anything runs, naming the overlap."""
+    res = services.evaluations.resources
+    eval_ids = sorted(e.id for e in services.datasets.eval_examples("sample:bioasq"))
+    for name, dataset_id, trained in (("leaky", "sample:bioasq", eval_ids[:2] + ["x-1"]),
+                                      ("clean", "sample:bioasq", ["x-1", "x-2"]),
+                                      ("other-data", "sample:nq", eval_ids[:2])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "train_ids.json").write_text(json.dumps({"dataset_id": dataset_id, "train": trained}))
+        services.store.upsert_adapter(name, SMOLLM2, str(folder))
+    spec = spec_dict(n_items=None, systems=[BASE_SYSTEM, {"model": SMOLLM2, "adapter": "leaky"}])
+    with pytest.raises(EvalSpecError, match=rf"Adapter 'leaky' was trained on 2 of this run's "
+                                            rf"{len(eval_ids)} eval items \({eval_ids[0]}, {eval_ids[1]}\)"):
+        preflight(res, EvalSpec.from_dict(spec))
+    for name in ("clean", "other-data"):
+        plan = preflight(res, EvalSpec.from_dict({**spec, "systems": [BASE_SYSTEM, {"model": SMOLLM2,
+                                                                                     "adapter": name}]}))
+        assert [s.adapter for s in plan.systems] == ["__base__", name]
+
+
+def test_one_split_per_dataset_is_recorded_and_used_by_evaluation_and_fine_tuning(services):
+    from core.dataset_presets import PRESETS  # noqa: F401  (the nq preset must exist)
+    from core.datasets import load_preset
+    from core.schema import SplitSetting, split_of
+    from jobs.finetune_data import FinetuneSpec
+
+    nq = load_preset("nq", source="sample")
+    services.datasets.add(nq, SplitSetting(seed=5, eval_fraction=0.5))
+    assert services.datasets.split("sample:nq") == SplitSetting(5, 0.5)
+    services.datasets.add(nq)  # re-loading keeps the recorded split
+    assert services.datasets.split("sample:nq") == SplitSetting(5, 0.5)
+    held_out = {e.id for e in services.datasets.eval_examples("sample:nq")}
+    assert held_out == {e.id for e in nq.examples if split_of(e.id, 5, 0.5) == "eval"}
+    trained = services.adapters.training_spec(FinetuneSpec(dataset="nq", source="sample", n_train=8))
+    assert (trained.split_seed, trained.eval_fraction) == (5, 0.5)
+    services.datasets.add(nq, SplitSetting())  # back to the default for the other tests

@@ -13,6 +13,7 @@ from core.geval import (ACCURACY, COMPLETENESS, FALLBACK, FormInput, LocalJudge,
                         judge_batch, metric_from, parse_score, prompt_hash, score_slot, set_steps)
 from core.models import SMOLLM2, TokenScores
 from core.store import Store
+from core.systems import System
 
 STEPS = "1. Compare the facts of the answer with the reference answer.\n2. Score 5 if they agree."
 ITEM = FormInput("When was the Eiffel Tower completed?", "It was completed in 1889.", "In 1889.")
@@ -140,14 +141,14 @@ def _rows():
     for system, table in (("base", base), ("tuned", tuned)):
         for item, scores in table.items():
             for repeat, score in enumerate(scores):
-                rows.append({"system": system, "metric": "accuracy", "example_id": item,
+                rows.append({"system_id": system, "metric": "accuracy", "example_id": item,
                              "repeat": repeat, "score": score,
                              "parse_failures": 0 if score is not None else 10})
     return rows
 
 
 def test_summary_averages_repeats_per_item_then_items():
-    summary = {r["system"]: r for r in evalstats.summarize(_rows(), {"tuned": "base"})}
+    summary = {r["system_id"]: r for r in evalstats.summarize(_rows(), {"tuned": "base"})}
     base_items = [3.5, 2.0, 5.0, 2.0]
     assert summary["base"]["n"] == 4 and summary["base"]["mean"] == pytest.approx(np.mean(base_items))
     assert summary["base"]["std"] == pytest.approx(np.std(base_items, ddof=1))
@@ -178,11 +179,13 @@ def test_summary_takes_a_dataframe_and_default_bases_pair_like_with_like():
 
     frame = pd.DataFrame(_rows())
     assert evalstats.summarize(frame, "base") == evalstats.summarize(_rows(), "base")
-    systems = [{"label": "b", "model": "m", "adapter": "__base__", "rag": False},
-               {"label": "b·rag", "model": "m", "adapter": "__base__", "rag": True},
-               {"label": "ft", "model": "m", "adapter": "ft", "rag": False},
-               {"label": "ft·rag", "model": "m", "adapter": "ft", "rag": True}]
-    assert evalstats.default_bases(systems) == {"b·rag": "b", "ft": "b", "ft·rag": "b·rag"}
+    b, b_rag, ft, ft_rag = (System(model="m", adapter=a, rag=r, pipeline="p")
+                            for a, r in (("__base__", False), ("__base__", True), ("ft", False),
+                                         ("ft", True)))
+    stored = [{**s.fields(), "id": s.id, "label": s.label} for s in (b, b_rag, ft, ft_rag)]
+    expected = {b_rag.id: b.id, ft.id: b.id, ft_rag.id: b_rag.id}
+    assert evalstats.default_bases(stored) == expected
+    assert evalstats.default_bases([b, b_rag, ft, ft_rag]) == expected
 
 
 # ---------------------------------------------------------------- the real 135M judge

@@ -2,9 +2,9 @@ import duckdb
 import pytest
 
 from core import store as store_mod
-from core.store import Store, StoreLockedError
+from core.store import Store
 
-EXPECTED_TABLES = {"datasets", "examples", "pipelines", "adapters", "jobs", "eval_runs", "answers",
+EXPECTED_TABLES = {"datasets", "examples", "pipelines", "adapters", "jobs", "eval_runs", "answers", "systems",
                    "judgments", "votes", "schema_migrations"}
 
 
@@ -32,7 +32,7 @@ def test_new_migration_is_applied_once(tmp_path, monkeypatch):
     Store(path).close()
     extra = tmp_path / "migrations"
     extra.mkdir()
-    for p in store_mod.MIGRATIONS_DIR.glob("*.sql"):
+    for p in store_mod.MIGRATIONS_DIR.glob("[0-9]*"):
         (extra / p.name).write_text(p.read_text())
     (extra / "999_add_note.sql").write_text("ALTER TABLE votes ADD COLUMN note VARCHAR;")
     monkeypatch.setattr(store_mod, "MIGRATIONS_DIR", extra)
@@ -77,3 +77,58 @@ def test_save_dataset_replaces_examples(tmp_path):
     s.save_dataset("sample:x", "x", "sample", ex * 1 + [{**ex[0], "id": "2", "split": "eval"}], 1)
     assert s.query("SELECT count(*) AS n FROM examples")[0]["n"] == 2
     assert s.list_datasets()[0]["n_examples"] == 2
+
+
+def test_system_ids_migration_converts_label_keyed_rows(tmp_path, monkeypatch):
+    """A database from before migration 004 (answers and judgments keyed by a display label)
+    keeps every row, now under the system's stable id; the run's spec lists the ids."""
+    import json
+
+    from core.systems import System
+
+    old = tmp_path / "old-migrations"
+    old.mkdir()
+    for p in sorted(store_mod.MIGRATIONS_DIR.glob("[0-9]*"))[:2]:  # 001 and 002 only
+        (old / p.name).write_text(p.read_text())
+    monkeypatch.setattr(store_mod, "MIGRATIONS_DIR", old)
+    path = tmp_path / "a.duckdb"
+    s = Store(path)
+    systems = [{"kind": "local", "model": "m", "adapter": "__base__", "rag": False, "base_url": None,
+                "label": "m (base) · no RAG"},
+               {"kind": "local", "model": "m", "adapter": "ft", "rag": True, "base_url": None,
+                "label": "ft · RAG"}]
+    s.execute("INSERT INTO eval_runs (id, name, dataset_id, spec, status) VALUES "
+              "('r1', 'old run', 'sample:nq', ?, 'done')",
+              [json.dumps({"pipeline": "p", "systems": systems})])
+    for label in ("m (base) · no RAG", "ft · RAG", "vanished · RAG"):
+        s.execute("INSERT INTO answers (run_id, example_id, system, answer) VALUES ('r1', 'q1', ?, 'a')",
+                  [label])
+        s.execute("INSERT INTO judgments (run_id, example_id, system, metric, repeat, method, judge, "
+                  "score) VALUES ('r1', 'q1', ?, 'accuracy', 0, 'logprobs', 'j', 4.0)", [label])
+    s.close()
+    monkeypatch.undo()
+    s = Store(path)
+    base, tuned = System(model="m"), System(model="m", adapter="ft", rag=True, pipeline="p")
+    ids = {r["system_id"] for r in s.query("SELECT system_id FROM judgments")}
+    assert ids == {base.id, tuned.id, "legacy-vanished · RAG"}
+    assert {r["system_id"] for r in s.query("SELECT system_id FROM answers")} == ids
+    stored = s.query("SELECT id, adapter, rag, pipeline FROM systems ORDER BY adapter")
+    assert stored == [{"id": base.id, "adapter": "__base__", "rag": False, "pipeline": None},
+                      {"id": tuned.id, "adapter": "ft", "rag": True, "pipeline": "p"}]
+    spec = s.get_eval_run("r1")["spec"]
+    assert [d["id"] for d in spec["systems"]] == [base.id, tuned.id]
+    s.save_judgment("r1", "q1", base.id, 0, {"metric": "accuracy", "method": "logprobs", "judge": "j",
+                                               "prompt_hash": None, "raw": None, "parsed_scores": None,
+                                               "distribution": None, "score": 1.0, "parse_failures": 0,
+                                               "reasoning": None, "mass": None})
+    assert s.query("SELECT score FROM judgments WHERE system_id = ?", [base.id]) == [{"score": 4.0}]
+
+
+def test_transaction_rolls_back_on_error(tmp_path):
+    s = Store(tmp_path / "a.duckdb")
+    with pytest.raises(ZeroDivisionError):
+        with s.transaction() as cur:
+            cur.execute("INSERT INTO votes (id, question, systems, answers, choice) "
+                        "VALUES ('v', 'q', '[]', '[]', 'tie')")
+            1 / 0
+    assert s.query("SELECT count(*) AS n FROM votes") == [{"n": 0}]

@@ -2,23 +2,21 @@
 from __future__ import annotations
 
 import gradio as gr
-import pandas as pd
 
 from core import config
 from core.models import BASE, GenParams
 from jobs.services import Services
-from pipelines import spec as pspec
 from core.systems import System
 from pipelines.compare import MAX_SYSTEMS, Comparison, compare
 from ui.common import user_errors
-from ui.rag_tab import chunks_table
+from ui.tables import chunks_table
 
 NONE, OPENAI = "(off)", "OpenAI-compatible"
 CHOICES = ["A better", "B better", "tie", "all bad"]
 
 
 def system_choices(services: Services, model_ref: str) -> list[str]:
-    return [NONE, "base", *services.adapter_names(model_ref), OPENAI]
+    return [NONE, "base", *services.adapters.names(model_ref), OPENAI]
 
 
 def build(services: Services) -> None:
@@ -29,14 +27,14 @@ def build(services: Services) -> None:
         question = gr.Textbox(label="Question", lines=2, max_lines=8, scale=3,
                               placeholder="e.g. Which gene is mutated in cystic fibrosis?")
         with gr.Column(scale=2):
-            dataset = gr.Dropdown(services.dataset_ids(), value=None, label="…or pick from a "
+            dataset = gr.Dropdown(services.datasets.ids(), value=None, label="…or pick from a "
                                   "dataset's eval split", allow_custom_value=True)
             picked = gr.Dropdown([], label="Eval question", value=None)
     reference = gr.Markdown()
     with gr.Row():
         model = gr.Dropdown([config.DEFAULT_CHAT_MODEL], value=config.DEFAULT_CHAT_MODEL,
                             allow_custom_value=True, label="Base model (alias, folder or hub id)")
-        pipeline = gr.Dropdown(pspec.list_specs(), value=None, label="RAG pipeline (built index)",
+        pipeline = gr.Dropdown(services.indexes.names(), value=None, label="RAG pipeline (built index)",
                                allow_custom_value=True)
         preset = gr.Button("2×2 preset: {base, adapter} × {no RAG, RAG}")
     rows = []
@@ -87,17 +85,17 @@ def build(services: Services) -> None:
               temperature, top_p, seed, *row_inputs]
     outputs = [chunks, *answers, *stats, last, vote_a, vote_b, *vote_buttons]
 
-    def systems_from(model_ref, url, remote, values) -> list[System]:
+    def systems_from(model_ref, pipe, url, remote, values) -> list[System]:
         systems = []
         for choice, use_rag in zip(values[::2], values[1::2]):
             if choice in (None, NONE):
                 continue
             if choice == OPENAI:
                 systems.append(System("openai", (remote or "").strip(), rag=bool(use_rag),
-                                      base_url=(url or "").strip() or None))
+                                      base_url=(url or "").strip() or None, pipeline=pipe))
             else:
                 adapter = BASE if choice == "base" else choice
-                systems.append(System("local", model_ref, adapter, bool(use_rag)))
+                systems.append(System("local", model_ref, adapter, bool(use_rag), pipeline=pipe))
         return systems
 
     def render(state: Comparison, final: bool) -> list:
@@ -119,14 +117,14 @@ def build(services: Services) -> None:
             documents=None):
         params = GenParams(max_new_tokens=int(max_tokens), temperature=float(temp),
                            top_p=float(top), seed=int(seed_value or 0))
-        systems = systems_from(model_ref, url, remote, values)
+        systems = systems_from(model_ref, pipe, url, remote, values)
         spec = index = None
         if pipe and any(s.rag for s in systems):
-            index = services.index(pipe)
+            index = services.indexes.get(pipe)
             spec = index.spec
         state = None
         for state in compare(q, systems, params, spec, index, api_key=(key or None),
-                             documents=documents, adapter_paths=services.adapter_paths()):
+                             documents=documents, adapter_paths=services.adapters.paths()):
             yield render(state, final=False)
         yield render(state, final=True)
 
@@ -157,8 +155,8 @@ def build(services: Services) -> None:
         if a == b and choice in ("A better", "B better"):
             raise gr.Error("A and B are the same system; pick two different ones.")
         cols = [record.columns[a - 1], record.columns[b - 1]]
-        vote_id = services.store.add_vote(
-            record.question, [c.system.label for c in cols], [c.text for c in cols],
+        vote_id = services.evaluations.record_vote(
+            record.question, [c.system for c in cols], [c.text for c in cols],
             choice.replace(" ", "_"), decoding=vars(record.params),
             retrieved=[{"passage_id": d.meta.get("passage_id"), "score": d.score}
                        for d in record.documents])
@@ -167,18 +165,18 @@ def build(services: Services) -> None:
     def pick_question(ds_id):
         if not ds_id:
             return gr.update(choices=[], value=None)
-        examples = services.eval_examples(ds_id)
+        examples = services.datasets.eval_examples(ds_id)
         return gr.update(choices=[(e.question, e.id) for e in examples], value=None)
 
     def use_question(ds_id, example_id):
         if not (ds_id and example_id):
             return gr.update(), ""
-        example = next(e for e in services.eval_examples(ds_id) if e.id == example_id)
+        example = next(e for e in services.datasets.eval_examples(ds_id) if e.id == example_id)
         return example.question, f"**Reference answer:** {example.answer}"
 
     @user_errors
     def two_by_two(model_ref, pipe):
-        adapters = services.adapter_names(model_ref)
+        adapters = services.adapters.names(model_ref)
         if not adapters:
             raise gr.Error("No adapter yet: fine-tune one (Fine-tune tab) or load one first.")
         if not pipe:
@@ -203,7 +201,7 @@ def build(services: Services) -> None:
     for choice, _ in rows:  # adapters trained since the page loaded appear on the next click
         choice.focus(lambda m: gr.update(choices=system_choices(services, m)), inputs=model,
                      outputs=choice, api_name=False)
-    pipeline.focus(lambda: gr.update(choices=pspec.list_specs()), outputs=pipeline,
+    pipeline.focus(lambda: gr.update(choices=services.indexes.names()), outputs=pipeline,
                    api_name=False)
-    dataset.focus(lambda: gr.update(choices=services.dataset_ids()), outputs=dataset,
+    dataset.focus(lambda: gr.update(choices=services.datasets.ids()), outputs=dataset,
                   api_name=False)

@@ -5,19 +5,20 @@ import gradio as gr
 import pandas as pd
 
 from core import datasets
-from jobs.services import EVAL_FRACTION, SPLIT_SEED, Services
+from core.schema import SplitSetting
+from jobs.services import Services
 from ui.common import user_errors
 
 SOURCES = ["Shipped sample", "Preset from the Hub", "Any Hub dataset", "Upload a file"]
 
 
-def summary_markdown(ds: datasets.QADataset, dataset_id: str) -> str:
-    counts = ds.split_counts(SPLIT_SEED, EVAL_FRACTION)
+def summary_markdown(ds: datasets.QADataset, dataset_id: str, split: SplitSetting) -> str:
+    counts = ds.split_counts(split.seed, split.eval_fraction)
     skipped = getattr(ds, "skipped", 0)
     lines = [
         f"### {ds.name}",
         f"`{dataset_id}` · **{len(ds.examples)}** QA examples · **{len(ds.corpus)}** passages",
-        f"Split (seeded hash of each id, seed {SPLIT_SEED}, {EVAL_FRACTION:.0%} eval): "
+        f"Split (seeded hash of each id, seed {split.seed}, {split.eval_fraction:.0%} eval): "
         f"**{counts['train']}** train · **{counts['eval']}** eval. "
         "Eval examples never enter a training set.",
     ]
@@ -73,8 +74,10 @@ def build(services: Services) -> None:
                 raise ValueError("Choose a file to upload first.")
             ds = datasets.load_upload(file if isinstance(file, str) else file.name, mapping)
         progress(0.8, desc="saving to DuckDB")
-        dataset_id = services.add_dataset(ds)
-        return summary_markdown(ds, dataset_id), pd.DataFrame(ds.preview(20))
+        dataset_id = services.datasets.add(ds)
+        split = services.datasets.split(dataset_id)
+        return (summary_markdown(ds, dataset_id, split),
+                pd.DataFrame(ds.preview(20, split.seed, split.eval_fraction)))
 
     load.click(
         do_load,

@@ -5,35 +5,21 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from core import config, evalstats
+from core import config
 from core.geval import BUILTIN
-from core.models import BASE
-from jobs.evaluate import EvalSpec, JudgeSpec, set_session_api_key, start_evaluation
+from core.systems import BASE, System
+from jobs.evaluate import EvalSpec, JudgeSpec, set_session_api_key
+from jobs.runner import JobError
 from jobs.services import Services
-from pipelines import spec as pspec
-from core.systems import System
 from ui.common import fmt_seconds, user_errors
 
 SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
                    "base", "diff", "diff_ci_low", "diff_ci_high"]
-EXAMPLE_QUERIES = {
-    "Runs with counts": "SELECT r.id, r.name, r.dataset_id, r.status, count(g.score) AS judgments "
-                        "FROM eval_runs r LEFT JOIN judgments g ON g.run_id = r.id "
-                        "GROUP BY ALL ORDER BY r.id DESC",
-    "Mean score per system and metric": "SELECT run_id, system, metric, round(avg(score), 3) AS "
-                                        "mean, count(*) AS n FROM judgments GROUP BY ALL "
-                                        "ORDER BY ALL",
-    "Parse failures": "SELECT run_id, system, metric, sum(parse_failures) AS failures "
-                      "FROM judgments GROUP BY ALL HAVING failures > 0",
-    "Adapters and their losses": "SELECT name, base_model, metrics->>'final_train_loss' AS "
-                                 "train_loss, metrics->>'n_train' AS n_train FROM adapters",
-    "Votes": "SELECT choice, count(*) AS n FROM votes GROUP BY ALL",
-}
 
 
 def candidate_systems(services: Services, model_ref: str) -> dict[str, System]:
     systems = {}
-    for adapter in [BASE, *services.adapter_names(model_ref)]:
+    for adapter in [BASE, *services.adapters.names(model_ref)]:
         for rag in (False, True):
             s = System("local", model_ref, adapter, rag)
             systems[s.label] = s
@@ -42,30 +28,14 @@ def candidate_systems(services: Services, model_ref: str) -> dict[str, System]:
 
 def runs_choices(services: Services) -> list[tuple[str, str]]:
     return [(f"{r['name'] or r['id']} · {r['dataset_id']} · {r['status']}", r["id"])
-            for r in services.store.list_eval_runs()]
+            for r in services.evaluations.runs()]
 
 
 def summary_frame(rows: list[dict]) -> pd.DataFrame:
+    labels = {r["system_id"]: r["system"] for r in rows}
+    rows = [{**r, "base": labels.get(r["base"], r["base"])} for r in rows]
     df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
     return df.round(3)
-
-
-def study_frame(services: Services) -> pd.DataFrame:
-    """Mean score per run, system and metric, labelled like the study's figures: dataset and
-    training-set size (n_train of the adapter; 0 for the base model)."""
-    n_train = {a["name"]: (a["metrics"] or {}).get("n_train") for a in services.store.list_adapters()}
-    rows = []
-    for run in services.store.list_eval_runs():
-        for s in evalstats.summarize_run(services.store, run["id"], n_boot=200):
-            spec_systems = {System(**{k: v for k, v in d.items() if k != "label"}).label: d
-                            for d in (run["spec"] or {}).get("systems", [])}
-            adapter = spec_systems.get(s["system"], {}).get("adapter", BASE)
-            tuned = adapter != BASE
-            rows.append({"group": f"{run['dataset_id']} · n={n_train.get(adapter) or 0}",
-                         "system": ("fine-tuned" if tuned else "base") + (
-                             " + RAG" if spec_systems.get(s["system"], {}).get("rag") else ""),
-                         "metric": s["metric"], "mean": s["mean"]})
-    return pd.DataFrame(rows, columns=["group", "system", "metric", "mean"])
 
 
 def build(services: Services) -> None:
@@ -75,14 +45,14 @@ def build(services: Services) -> None:
                 "conclusions point the judge at a strong model on an OpenAI-compatible endpoint.")
     with gr.Accordion("New run", open=True):
         with gr.Row():
-            dataset = gr.Dropdown(services.dataset_ids(), value="sample:bioasq",
+            dataset = gr.Dropdown(services.datasets.ids(), value="sample:bioasq",
                                   allow_custom_value=True, label="Dataset (eval split)")
             n_items = gr.Number(value=5, precision=0, label="Items (empty = all eval items)")
             seed = gr.Number(value=0, precision=0, label="Seed")
             run_name = gr.Textbox(label="Run name")
         with gr.Row():
             model = gr.Textbox(config.DEFAULT_CHAT_MODEL, label="Base model")
-            pipeline = gr.Dropdown(pspec.list_specs(), value=None, allow_custom_value=True,
+            pipeline = gr.Dropdown(services.indexes.names(), value=None, allow_custom_value=True,
                                    label="RAG pipeline (for RAG systems)")
             max_new_tokens = gr.Number(value=48, precision=0, label="Max new tokens (answers)")
         with gr.Row():
@@ -138,8 +108,9 @@ def build(services: Services) -> None:
             compare_btn = gr.Button("Compare (B − A)")
         compared = gr.Dataframe(interactive=False)
     with gr.Accordion("SQL (read-only)", open=False):
-        example = gr.Dropdown(list(EXAMPLE_QUERIES), label="Example queries")
-        sql = gr.Code(language="sql", lines=4, value=EXAMPLE_QUERIES["Runs with counts"])
+        queries = services.evaluations.example_queries
+        example = gr.Dropdown(list(queries), label="Example queries")
+        sql = gr.Code(language="sql", lines=4, value=queries["Runs with counts"])
         sql_btn = gr.Button("Run query")
         sql_result = gr.Dataframe(interactive=False, wrap=True)
 
@@ -161,16 +132,18 @@ def build(services: Services) -> None:
             metrics=metric_list, n_items=int(n) if n else None, seed=int(sd or 0),
             pipeline=pipe or None, repeats=int(reps or 1), method=meth, samples=int(samp or 1),
             reasoning=bool(reason), decoding={"max_new_tokens": int(max_tokens or 48)})
-        job_id = start_evaluation(services, spec.validate())
+        job_id = services.evaluations.start(spec.validate())
         return (f"Started run `{job_id}`: {len(picked)} systems × {len(metric_list)} metrics.",
                 gr.update(choices=runs_choices(services), value=job_id))
 
     def show_run(run_id):
         if not run_id:
             return "", pd.DataFrame(columns=SUMMARY_COLUMNS), None, None
-        job = services.store.get_job(run_id)
-        started = services.store.get_eval_run(run_id) is not None  # queued jobs have no run yet
-        rows = evalstats.summarize_run(services.store, run_id, n_boot=1000) if started else []
+        try:
+            job = services.runner.get(run_id)
+        except JobError as exc:
+            return str(exc), pd.DataFrame(columns=SUMMARY_COLUMNS), None, None
+        rows = services.evaluations.summary(run_id, n_boot=1000)
         status = ""
         if job:
             eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
@@ -179,40 +152,29 @@ def build(services: Services) -> None:
                 status += f"\n\n{job['error']}"
         chart_df = pd.DataFrame([{"system": r["system"], "metric": r["metric"], "mean": r["mean"]}
                                  for r in rows if r["mean"] is not None])
-        item_rows = pd.DataFrame(services.store.eval_items(run_id) if started else []).drop(
+        item_rows = pd.DataFrame(services.evaluations.items(run_id)).drop(
             columns=["scores", "reasoning"], errors="ignore")
         return status, summary_frame(rows), chart_df, item_rows
 
     def pick_item(evt: gr.SelectData, run_id, table):
         row = table.iloc[evt.index[0]]
-        judgments = [j for j in services.store.eval_judgments(run_id)
-                     if j["example_id"] == row["example_id"] and j["system"] == row["system"]
-                     and j["metric"] == row["metric"]]
-        answer = next((a for a in services.store.eval_answers(run_id)
-                       if a["example_id"] == row["example_id"] and a["system"] == row["system"]),
-                      {})
-        return {"question": row["question"], "reference": row["reference"],
-                "answer": row["answer"], "retrieved": answer.get("retrieved"),
-                "judgments": [{k: j[k] for k in ("repeat", "method", "score", "distribution",
-                                                 "parsed_scores", "raw", "reasoning",
-                                                 "parse_failures")} for j in judgments]}
+        return services.evaluations.item(run_id, row["example_id"], row["system_id"], row["metric"])
 
     @user_errors
     def do_export(run_id, fmt):
         if not run_id:
             raise gr.Error("Choose a run first.")
-        return [str(p) for p in services.store.export_eval_run(run_id, config.subdir("exports"),
-                                                                fmt)]
+        return [str(p) for p in services.evaluations.export(run_id, fmt)]
 
     @user_errors
     def do_compare(a, b):
         if not (a and b):
             raise gr.Error("Choose two runs.")
-        return pd.DataFrame(evalstats.compare_runs(services.store, a, b, n_boot=1000)).round(3)
+        return pd.DataFrame(services.evaluations.compare(a, b, n_boot=1000)).round(3)
 
     @user_errors
     def do_sql(query):
-        names, rows = services.store.read_only_query(query)
+        names, rows = services.evaluations.sql(query)
         return pd.DataFrame(rows, columns=names)
 
     @user_errors
@@ -226,7 +188,8 @@ def build(services: Services) -> None:
         return "Resumed: finished (item, system, metric, repeat) keys are not redone."
 
     def study():
-        df = study_frame(services)
+        df = pd.DataFrame(services.evaluations.study_rows(),
+                          columns=["group", "system", "metric", "mean"])
         return df, df
 
     start.click(do_start, inputs=[dataset, n_items, seed, run_name, model, pipeline,
@@ -248,7 +211,7 @@ def build(services: Services) -> None:
     compare_btn.click(do_compare, inputs=[run_a, run_b], outputs=compared,
                       api_name="compare_runs")
     sql_btn.click(do_sql, inputs=sql, outputs=sql_result, api_name="sql")
-    example.change(lambda name: EXAMPLE_QUERIES.get(name, ""), inputs=example, outputs=sql,
+    example.change(lambda name: queries.get(name, ""), inputs=example, outputs=sql,
                    api_name=False)
     study_btn.click(study, outputs=[study_chart, study_table], api_name="study_view")
     def refresh_systems(model_ref):

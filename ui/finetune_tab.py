@@ -7,7 +7,6 @@ import pandas as pd
 from core import config
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
-from pipelines import spec as pspec
 from ui.common import fmt_seconds, user_errors
 
 FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
@@ -39,7 +38,7 @@ def spec_from_form(values) -> FinetuneSpec:
 
 def adapters_table(services: Services) -> pd.DataFrame:
     rows = []
-    for a in services.store.list_adapters():
+    for a in services.adapters.rows():
         m, s = a["metrics"] or {}, a["spec"] or {}
         rows.append({"name": a["name"], "base_model": a["base_model"], "n_train": m.get("n_train"),
                      "context": s.get("context", ""), "final_train_loss": m.get("final_train_loss"),
@@ -76,7 +75,7 @@ def build(services: Services) -> None:
     with gr.Row():
         context = gr.Radio(["none", "gold", "retrieved"], value=defaults.context,
                            label="Context in training prompts")
-        pipeline = gr.Dropdown(pspec.list_specs(), value=None, allow_custom_value=True,
+        pipeline = gr.Dropdown(services.indexes.names(), value=None, allow_custom_value=True,
                                label="Pipeline (template; retriever for 'retrieved')")
         name = gr.Textbox("", label="Adapter name (empty: derived from the spec)")
     with gr.Accordion("LoRA and optimisation", open=False):
@@ -136,15 +135,16 @@ def build(services: Services) -> None:
     @user_errors
     def do_start(*values):
         spec = spec_from_form(values)
-        jid = services.runner.start("finetune", spec.to_dict())
+        jid = services.adapters.train(spec)
         return jid, f"Started `{jid}` → adapter **{spec.output_name}**."
 
     def poll(jid):
         jid = (jid or "").strip()
         if not jid:
             return gr.update(), gr.update()
-        job = services.store.get_job(jid)
-        if job is None:
+        try:
+            job = services.runner.get(jid)
+        except ValueError:
             return f"No job `{jid}`.", gr.update()
         eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
         text = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"
@@ -163,34 +163,34 @@ def build(services: Services) -> None:
         return "Resuming from the last checkpoint."
 
     def adapter_choices():
-        return gr.update(choices=[a["name"] for a in services.store.list_adapters()])
+        return gr.update(choices=[a["name"] for a in services.adapters.rows()])
 
     def show_adapter(name):
-        row = next((a for a in services.store.list_adapters() if a["name"] == name), None)
+        row = next((a for a in services.adapters.rows() if a["name"] == name), None)
         return {"spec": row["spec"], "metrics": row["metrics"], "folder": row["path"]} if row else None
 
     @user_errors
     def do_rename(old, new):
-        services.rename_adapter(old, new)
+        services.adapters.rename(old, new)
         return adapters_table(services), f"Renamed `{old}` to `{new}`."
 
     @user_errors
     def do_delete(name_value):
-        services.delete_adapter(name_value)
+        services.adapters.delete(name_value)
         return adapters_table(services), f"Deleted `{name_value}`."
 
     @user_errors
     def do_zip(name_value):
-        return str(services.zip_adapter(name_value))
+        return str(services.adapters.zip(name_value))
 
     @user_errors
     def do_import(src, model_ref):
-        loaded = services.import_adapter(src, model_ref or config.DEFAULT_CHAT_MODEL)
+        loaded = services.adapters.import_(src, model_ref or config.DEFAULT_CHAT_MODEL)
         return adapters_table(services), f"Loaded adapter `{loaded}`."
 
     @user_errors
     def do_push(name_value, repo, token):
-        return f"Pushed: {services.push_adapter(name_value, repo, token)}"
+        return f"Pushed: {services.adapters.push(name_value, repo, token)}"
 
     cpu.click(lambda: form_values(FinetuneSpec.cpu_preset()), outputs=form, api_name=False)
     study.click(lambda: form_values(FinetuneSpec()), outputs=form, api_name=False)
@@ -217,5 +217,5 @@ def build(services: Services) -> None:
                      outputs=[adapters, adapter_status], api_name="load_adapter")
     push.click(do_push, inputs=[adapter, repo_id, hf_token], outputs=adapter_status,
                api_name="push_adapter")
-    pipeline.focus(lambda: gr.update(choices=pspec.list_specs()), outputs=pipeline,
+    pipeline.focus(lambda: gr.update(choices=services.indexes.names()), outputs=pipeline,
                    api_name=False)

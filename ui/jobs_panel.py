@@ -21,7 +21,7 @@ def jobs_table(services: Services) -> pd.DataFrame:
             "eta": fmt_seconds(j["eta_seconds"]), "attempts": j["attempts"],
             "created": f"{j['created_at']:%Y-%m-%d %H:%M:%S}", "error": j["error"] or "",
         }
-        for j in services.store.list_jobs(limit=100)
+        for j in services.runner.jobs(limit=100)
     ]
     return pd.DataFrame(rows, columns=COLUMNS)
 

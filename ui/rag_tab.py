@@ -12,17 +12,9 @@ from pipelines import spec as pspec
 from pipelines.graph import pipeline_mermaid
 from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
 from ui.common import fmt_seconds, user_errors
+from ui.tables import CHUNK_COLUMNS, chunks_table
 
-CHUNK_COLUMNS = ["rank", "score", "passage_id", "title", "text"]
 QUALITY_KS = (1, 3, 5, 10)
-
-
-def chunks_table(documents) -> pd.DataFrame:
-    rows = [{"rank": i, "score": round(d.score, 4) if d.score is not None else None,
-             "passage_id": d.meta.get("passage_id", ""), "title": d.meta.get("title", ""),
-             "text": d.content} for i, d in enumerate(documents, start=1)]
-    return pd.DataFrame(rows, columns=CHUNK_COLUMNS)
-
 
 def build(services: Services) -> None:
     gr.Markdown("Build a Haystack RAG pipeline: split and embed a corpus into an index, then "
@@ -30,12 +22,12 @@ def build(services: Services) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("#### Corpus")
-            dataset = gr.Dropdown(services.dataset_ids(), value="sample:bioasq",
+            dataset = gr.Dropdown(services.datasets.ids(), value="sample:bioasq",
                                   label="A dataset's passages", allow_custom_value=True)
             files = gr.File(label="…or upload documents (.txt, .md, .pdf, .html)",
                             file_count="multiple", file_types=[".txt", ".md", ".pdf", ".html"])
             gr.Markdown("#### Saved pipelines")
-            saved = gr.Dropdown(pspec.list_specs(), label="Saved pipelines", value=None)
+            saved = gr.Dropdown(services.indexes.names(), label="Saved pipelines", value=None)
             with gr.Row():
                 load_btn = gr.Button("Load")
                 delete_btn = gr.Button("Delete", variant="stop")
@@ -85,9 +77,9 @@ def build(services: Services) -> None:
     def do_build(ds_id, uploaded, *values, progress=gr.Progress()):
         spec = make_spec(*values)
         paths = [f if isinstance(f, str) else f.name for f in (uploaded or [])]
-        jid = services.start_indexing(spec, ds_id, paths)
+        jid = services.indexes.start(spec, ds_id, paths)
         while True:
-            job = services.store.get_job(jid)
+            job = services.runner.get(jid)
             progress(job["progress"], desc=job["message"] or job["status"])
             if job["status"] in ("done", "failed", "cancelled"):
                 break
@@ -97,11 +89,11 @@ def build(services: Services) -> None:
         r = job["result"]
         status = (f"Index **{r['pipeline']}** built: {r['passages']} passages → {r['chunks']} "
                   f"chunks in {fmt_seconds(r['seconds'])} (job `{jid}`).")
-        return jid, status, gr.update(choices=pspec.list_specs(), value=spec.name), \
+        return jid, status, gr.update(choices=services.indexes.names(), value=spec.name), \
             show_graph(spec.name)
 
     def show_graph(pipeline_name: str) -> str:
-        handle = services.index(pipeline_name)
+        handle = services.indexes.get(pipeline_name)
         return f"```mermaid\n{pipeline_mermaid(build_query_pipeline(handle.spec, handle))}\n```"
 
     @user_errors
@@ -114,13 +106,13 @@ def build(services: Services) -> None:
     @user_errors
     def do_retrieve(q, *values):
         spec = make_spec(*values)
-        return chunks_table(retrieve(spec, services.index(spec.name), q))
+        return chunks_table(retrieve(spec, services.indexes.get(spec.name), q))
 
     @user_errors
     def do_quality(ds_id, *values, progress=gr.Progress()):
         spec = make_spec(*values)
-        handle = services.index(spec.name)
-        examples = services.eval_examples(ds_id)
+        handle = services.indexes.get(spec.name)
+        examples = services.datasets.eval_examples(ds_id)
         rows = []
         for k in [k for k in QUALITY_KS if k <= max(spec.top_k, 1)] or [spec.top_k]:
             progress(len(rows) / len(QUALITY_KS), desc=f"k = {k}")
@@ -140,8 +132,8 @@ def build(services: Services) -> None:
 
     @user_errors
     def do_delete(pipeline_name):
-        services.delete_pipeline(pipeline_name)
-        return gr.update(choices=pspec.list_specs(), value=None), f"Deleted `{pipeline_name}`."
+        services.indexes.delete(pipeline_name)
+        return gr.update(choices=services.indexes.names(), value=None), f"Deleted `{pipeline_name}`."
 
     build_btn.click(do_build, inputs=[dataset, files, *spec_inputs],
                     outputs=[job_id, build_status, saved, graph], api_name="build_index")

@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.evalstats import summarize_run
 from core.geval import METHODS
 from core.store import StoreLockedError
 from core.systems import BASE
-from jobs.evaluate.run import start_evaluation
 from jobs.evaluate.spec import EvalSpec, EvalSpecError
 
 if TYPE_CHECKING:
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = None if args.resume else spec_from_args(args)
         services = build_services(warm_up=False)
         job_id = (services.runner.resume(args.resume) if args.resume
-                  else start_evaluation(services, spec))
+                  else services.evaluations.start(spec))
     except (StoreLockedError, ValueError, JobError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{job['status']}: {job.get('error') or job.get('message')} — resume with "
               f"`python -m jobs.evaluate --resume {job_id}`", file=sys.stderr)
         return 1
-    for row in summarize_run(services.store, job_id):
+    for row in services.evaluations.summary(job_id):
         diff = "" if row["diff"] is None else f"  diff vs base {row['diff']:+.2f}"
         mean = "n/a" if row["mean"] is None else f"{row['mean']:.2f}"
         print(f"{row['system']:<48} {row['metric']:<14} mean {mean} (n={row['n']}, "

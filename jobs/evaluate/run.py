@@ -26,23 +26,21 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, TypeVar
 
 from core.evalstats import summarize_run
 from core.geval import FormInput, Metric, get_steps, judge_batch, make_judge, metric_from
-from core.models import GenParams, Generation
+from core.models import GenParams, Generation, ModelHub
 from core.openai_backend import OpenAIBackend
 from core.schema import InputError, QAExample
+from core.store import Store
 from core.systems import BASE, System
 from jobs.evaluate.spec import KIND, REPEATS_NOTE, EvalSpec, EvalSpecError
-from jobs.runner import JobCancelled, JobContext
+from jobs.runner import JobCancelled, JobContext, JobRunner
 from pipelines.compare import closed_book_messages
 from pipelines.query import build_prompt, retrieve
 from pipelines.spec import PipelineSpec, load_spec
-
-if TYPE_CHECKING:
-    from jobs.services import Services
 
 T = TypeVar("T")
 
@@ -66,9 +64,24 @@ def _api_key(base_url: str | None) -> str | None:
     return _SESSION_KEYS.get(base_url or "")
 
 
-def select_examples(services: "Services", spec: EvalSpec) -> list[QAExample]:
+@dataclass
+class EvalResources:
+    """The few things an evaluation uses from the app, wired in jobs/services.py."""
+
+    store: Store
+    hub: ModelHub
+    eval_examples: Callable[[str], list[QAExample]]  # dataset id -> its eval split
+    index: Callable[[str], Any]  # pipeline name -> its built index (DocumentStoreHandle)
+    adapter_paths: Callable[[], dict[str, str]]  # adapter name -> folder
+    training_ids: Callable[[str], tuple[str | None, set[str]]]  # adapter -> (dataset, train ids)
+
+
+def select_examples(res: EvalResources, spec: EvalSpec) -> list[QAExample]:
     """The eval examples of the dataset, all or a seeded sample, in id order."""
-    examples = sorted(_eval_examples(services, spec.dataset_id), key=lambda e: e.id)
+    try:
+        examples = sorted(res.eval_examples(spec.dataset_id), key=lambda e: e.id)
+    except InputError as exc:
+        raise EvalSpecError(str(exc)) from exc
     if not examples:
         raise EvalSpecError(f"The dataset '{spec.dataset_id}' has no eval examples to judge.")
     missing = [e.id for e in examples if not (e.answer or "").strip()]
@@ -81,68 +94,70 @@ def select_examples(services: "Services", spec: EvalSpec) -> list[QAExample]:
     return examples
 
 
-def _eval_examples(services: "Services", dataset_id: str) -> list[QAExample]:
-    try:
-        return list(services.eval_examples(dataset_id))
-    except InputError:
-        # Not loaded in this process (e.g. the CLI): the examples table has every loaded dataset.
-        rows = services.store.query("SELECT id, question, answer, contexts FROM examples WHERE "
-                                    "dataset_id = ? AND split = 'eval'", [dataset_id])
-        if not rows and not services.store.query("SELECT 1 FROM datasets WHERE id = ?", [dataset_id]):
-            raise EvalSpecError(f"The dataset '{dataset_id}' is not loaded: load it in the Data "
-                                "tab first.") from None
-        return [QAExample(r["id"], r["question"], r["answer"] or "", list(r["contexts"] or []))
-                for r in rows]
-
-
 @dataclass
 class Plan:
     """What a run needs besides the spec: checked once before the job starts and again inside."""
 
     examples: list[QAExample]
-    pipeline: PipelineSpec | None = None
-    index: Any = None
+    systems: list[System]  # the spec's systems, each RAG one with its pipeline filled in
+    pipelines: dict[str, tuple[PipelineSpec, Any]] = field(default_factory=dict)  # name -> (spec, index)
 
 
-def preflight(services: "Services", spec: EvalSpec) -> Plan:
-    """Every check a user can fix, before any model runs: spec, dataset, pipeline, adapters."""
+def preflight(res: EvalResources, spec: EvalSpec) -> Plan:
+    """Every check a user can fix, before any model runs: spec, dataset, pipelines, adapters, and
+    that no adapter was trained on an item this run would judge."""
     spec.validate()
-    plan = Plan(select_examples(services, spec))
-    if any(s.rag for s in spec.systems):
-        plan.pipeline = load_spec(spec.pipeline)
-        plan.index = services.index(spec.pipeline)
-    known = set(services.adapter_paths())
-    wanted = [(s.model, s.adapter) for s in spec.systems if s.kind == "local"]
-    if spec.judge.kind == "local":
-        wanted.append((spec.judge.model, spec.judge.adapter or BASE))
-    for model, adapter in wanted:
-        if adapter != BASE and adapter not in known and adapter not in services.hub.list_adapters(model):
+    plan = Plan(select_examples(res, spec), [s.with_pipeline(spec.pipeline) for s in spec.systems])
+    for name in dict.fromkeys(s.pipeline for s in plan.systems if s.rag):
+        plan.pipelines[name] = (load_spec(name), res.index(name))
+    known = set(res.adapter_paths())
+    for model, adapter in _local_adapters(plan.systems, spec):
+        if adapter not in known and adapter not in res.hub.list_adapters(model):
             raise EvalSpecError(f"Unknown adapter '{adapter}': train it in the Fine-tune tab or "
                                 "load it from a folder or the Hub first.")
+    _check_no_leakage(res, spec, plan)
     return plan
 
 
-def start_evaluation(services: "Services", spec: EvalSpec) -> str:
+def _check_no_leakage(res: EvalResources, spec: EvalSpec, plan: Plan) -> None:
+    items = {e.id for e in plan.examples}
+    for adapter in dict.fromkeys(s.adapter for s in plan.systems if not s.is_base and s.kind == "local"):
+        dataset_id, trained = res.training_ids(adapter)
+        if dataset_id not in (None, spec.dataset_id):
+            continue
+        overlap = sorted(items & trained)
+        if overlap:
+            shown = ", ".join(overlap[:5]) + (", …" if len(overlap) > 5 else "")
+            raise EvalSpecError(
+                f"Adapter '{adapter}' was trained on {len(overlap)} of this run's {len(items)} eval "
+                f"items ({shown}): it would be judged on questions it learned. Evaluate it on "
+                "items outside its training set (the dataset's split keeps them apart), or drop it.")
+
+
+def start_evaluation(res: EvalResources, runner: JobRunner, spec: EvalSpec) -> str:
     """Check the request, then start it as a background job; returns the job id (= run id)."""
-    preflight(services, spec)
-    return services.runner.start(KIND, spec.to_dict())
+    preflight(res, spec)
+    return runner.start(KIND, spec.to_dict())
 
 
-def evaluation_job(ctx: JobContext, services: "Services") -> dict[str, Any]:
+def evaluation_job(res: EvalResources) -> Callable[[JobContext], dict[str, Any]]:
     """The runner's entry point for kind "evaluate"."""
-    return run_evaluation(ctx, services, EvalSpec.from_dict(ctx.spec))
+    return lambda ctx: run_evaluation(ctx, res, EvalSpec.from_dict(ctx.spec))
 
 
 # ---------------------------------------------------------------- the run
 
 
-def run_evaluation(ctx: JobContext, services: "Services", spec: EvalSpec) -> dict[str, Any]:
-    plan = preflight(services, spec)
-    store = services.store
+def run_evaluation(ctx: JobContext, res: EvalResources, spec: EvalSpec) -> dict[str, Any]:
+    plan = preflight(res, spec)
+    store = res.store
     judge = make_judge(spec.judge.kind, spec.judge.model, spec.judge.base_url,
                        spec.judge.adapter or BASE, _api_key(spec.judge.base_url))
-    for model, adapter in _local_adapters(spec):
-        _attach(services, model, adapter)
+    paths = res.adapter_paths()
+    for model, adapter in _local_adapters(plan.systems, spec):
+        if adapter not in res.hub.list_adapters(model):
+            res.hub.load_adapter(model, paths[adapter], adapter)
+    store.save_systems(plan.systems)
     metrics = spec.metric_list()
     run = store.get_eval_run(ctx.job_id)
     if run is None:
@@ -161,7 +176,7 @@ def run_evaluation(ctx: JobContext, services: "Services", spec: EvalSpec) -> dic
     store.set_eval_run_status(ctx.job_id, "running")
     try:
         tracker = _Tracker(ctx, store, spec, len(plan.examples), len(metrics))
-        _answer_all(ctx, services, spec, plan, tracker)
+        _answer_all(ctx, res, spec, plan, tracker)
         _judge_all(ctx, store, spec, plan, judge, metrics, run["spec"]["steps"], tracker)
     except JobCancelled:
         store.set_eval_run_status(ctx.job_id, "cancelled")
@@ -172,20 +187,16 @@ def run_evaluation(ctx: JobContext, services: "Services", spec: EvalSpec) -> dic
     store.set_eval_run_status(ctx.job_id, "done")
     summary = summarize_run(store, ctx.job_id)
     return {"run_id": ctx.job_id, "answers": tracker.answers, "judgments": tracker.judgments,
-            "means": [{k: row[k] for k in ("system", "metric", "mean", "n", "parse_failures")}
-                      for row in summary]}
+            "means": [{k: row[k] for k in ("system_id", "system", "metric", "mean", "n",
+                                           "parse_failures")} for row in summary]}
 
 
-def _local_adapters(spec: EvalSpec) -> list[tuple[str, str]]:
-    pairs = [(s.model, s.adapter) for s in spec.systems if s.kind == "local"]
+def _local_adapters(systems: list[System], spec: EvalSpec) -> list[tuple[str, str]]:
+    """(model, adapter) pairs the run attaches: the systems' and the local judge's."""
+    pairs = [(s.model, s.adapter) for s in systems if s.kind == "local"]
     if spec.judge.kind == "local":
         pairs.append((spec.judge.model, spec.judge.adapter or BASE))
     return [(m, a) for m, a in dict.fromkeys(pairs) if a != BASE]
-
-
-def _attach(services: "Services", model: str, adapter: str) -> None:
-    if adapter not in services.hub.list_adapters(model):
-        services.hub.load_adapter(model, services.adapter_paths()[adapter], adapter)
 
 
 def _default_name(spec: EvalSpec) -> str:
@@ -194,9 +205,9 @@ def _default_name(spec: EvalSpec) -> str:
 
 
 def _run_record(spec: EvalSpec, judge_id: str, steps: dict[str, str], plan: Plan) -> dict[str, Any]:
-    """The eval_runs.spec: the request plus what it resolved to (labels, judge, steps, items)."""
+    """The eval_runs.spec: the request plus what it resolved to (system ids, judge, steps, items)."""
     record = spec.to_dict()
-    record["systems"] = [{**asdict(s), "label": s.label} for s in spec.systems]
+    record["systems"] = [{**s.fields(), "id": s.id, "label": s.label} for s in plan.systems]
     record.update(judge_id=judge_id, steps=steps, example_ids=[e.id for e in plan.examples],
                   effective_repeats=spec.effective_repeats)
     if spec.method == "logprobs":
@@ -207,7 +218,7 @@ def _run_record(spec: EvalSpec, judge_id: str, steps: dict[str, str], plan: Plan
 class _Tracker:
     """Counts work units (answers + judgments), reports progress and running means."""
 
-    def __init__(self, ctx: JobContext, store: Any, spec: EvalSpec, n_items: int, n_metrics: int):
+    def __init__(self, ctx: JobContext, store: Store, spec: EvalSpec, n_items: int, n_metrics: int):
         self.ctx, self.store, self.run_id = ctx, store, ctx.job_id
         self.total_answers = n_items * len(spec.systems)
         self.total_judgments = self.total_answers * n_metrics * spec.effective_repeats
@@ -233,7 +244,8 @@ class _Tracker:
     def publish_means(self) -> None:
         rows = self.store.eval_running_means(self.run_id)
         for row in rows:
-            self.ctx.metric(system=row["system"], metric=row["metric"], mean=row["mean"], n=row["n"])
+            self.ctx.metric(system_id=row["system_id"], system=row["system"], metric=row["metric"],
+                            mean=row["mean"], n=row["n"])
         self.means = " · ".join(f"{r['system']} {r['metric']} {r['mean']:.2f} (n={r['n']})" for r in rows)
         self.report()
 
@@ -303,27 +315,29 @@ def _retrieved_json(documents: list[Any]) -> list[dict[str, Any]]:
              "content": d.content, "score": d.score} for d in documents]
 
 
-def _answer_all(ctx: JobContext, services: "Services", spec: EvalSpec, plan: Plan,
+def _answer_all(ctx: JobContext, res: EvalResources, spec: EvalSpec, plan: Plan,
                 tracker: _Tracker) -> None:
-    store, params = services.store, spec.gen_params()
+    store, params = res.store, spec.gen_params()
     done = store.answer_keys(ctx.job_id)
-    todo = [e for e in plan.examples if any((e.id, s.label) not in done for s in spec.systems)]
+    todo = [e for e in plan.examples if any((e.id, s.id) not in done for s in plan.systems)]
     for batch in _chunks(todo, spec.batch_size):
         ctx.check_cancelled()
-        retrieved = {e.id: retrieve(plan.pipeline, plan.index, e.question) for e in batch} \
-            if plan.pipeline is not None else {}
+        # Retrieval once per (pipeline, item): every RAG system on a pipeline reads the same chunks.
+        retrieved = {(name, e.id): retrieve(pipeline, index, e.question)
+                     for name, (pipeline, index) in plan.pipelines.items() for e in batch}
         calls = []
-        for group in _system_groups(spec.systems):
-            rows = [(e, s) for e in batch for s in group if (e.id, s.label) not in done]
+        for group in _system_groups(plan.systems):
+            rows = [(e, s) for e in batch for s in group if (e.id, s.id) not in done]
             if rows:
-                prompts = [build_prompt(plan.pipeline, e.question, retrieved[e.id]) if s.rag
+                prompts = [build_prompt(plan.pipelines[s.pipeline][0], e.question,
+                                        retrieved[(s.pipeline, e.id)]) if s.rag
                            else closed_book_messages(e.question) for e, s in rows]
                 calls.append((rows, prompts))
         errors: list[BaseException] = []
         with _cancel_event(ctx) as cancel, ThreadPoolExecutor(len(calls)) as pool:
             futures = [(rows, prompts, pool.submit(_retry, ctx, spec.retry_delays,
                                                    f"Answering with {rows[0][1].model}",
-                                                   lambda r=rows, p=prompts: _generate(r, p, params, cancel)))
+                                                   lambda r=rows, p=prompts: _generate(res.hub, r, p, params, cancel)))
                        for rows, prompts in calls]
             for rows, prompts, future in futures:
                 try:
@@ -333,24 +347,22 @@ def _answer_all(ctx: JobContext, services: "Services", spec: EvalSpec, plan: Pla
                     continue
                 ctx.check_cancelled()  # a cancelled generate returns cut answers: never store them
                 for (example, system), prompt, gen in zip(rows, prompts, generations):
-                    store.save_answer(ctx.job_id, example.id, system.label, gen.text, prompt,
-                                      _retrieved_json(retrieved[example.id]) if system.rag else None,
+                    docs = _retrieved_json(retrieved[(system.pipeline, example.id)]) if system.rag else None
+                    store.save_answer(ctx.job_id, example.id, system.id, gen.text, prompt, docs,
                                       gen.prompt_tokens, gen.new_tokens, gen.seconds)
                     tracker.answered()
         if errors:
             raise errors[0]
 
 
-def _generate(rows: list[tuple[QAExample, System]], prompts: list[Any], params: GenParams,
-              cancel: threading.Event) -> list[Generation]:
+def _generate(hub: ModelHub, rows: list[tuple[QAExample, System]], prompts: list[Any],
+              params: GenParams, cancel: threading.Event) -> list[Generation]:
     system = rows[0][1]
     if system.kind == "openai":
         backend = OpenAIBackend(system.base_url or None, _api_key(system.base_url), system.model,
                                 max_retries=0)
         return backend.generate(prompts, params)
-    from core.models import get_hub
-
-    return get_hub().generate(system.model, prompts, [s.adapter for _, s in rows], params, cancel)
+    return hub.generate(system.model, prompts, [s.adapter for _, s in rows], params, cancel)
 
 
 # ---------------------------------------------------------------- judgments
@@ -367,18 +379,18 @@ def _batch_seed(seed: int, metric: str, repeat: int, first_key: str) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def _judge_all(ctx: JobContext, store: Any, spec: EvalSpec, plan: Plan, judge: Any,
+def _judge_all(ctx: JobContext, store: Store, spec: EvalSpec, plan: Plan, judge: Any,
                metrics: list[Metric], steps: dict[str, str], tracker: _Tracker) -> None:
-    answers = {(a["example_id"], a["system"]): a for a in store.eval_answers(ctx.job_id)}
+    answers = {(a["example_id"], a["system_id"]): a for a in store.eval_answers(ctx.job_id)}
     done = store.judgment_keys(ctx.job_id)
     for metric in metrics:
         for repeat in range(spec.effective_repeats):
-            todo = [(e, s.label) for e in plan.examples for s in spec.systems
-                    if (e.id, s.label, metric.name, repeat) not in done]
+            todo = [(e, s.id) for e in plan.examples for s in plan.systems
+                    if (e.id, s.id, metric.name, repeat) not in done]
             for batch in _chunks(todo, spec.batch_size):
                 ctx.check_cancelled()
-                items = [FormInput(e.question, e.answer, answers[(e.id, label)]["answer"] or "",
-                                   _context_text(answers[(e.id, label)])) for e, label in batch]
+                items = [FormInput(e.question, e.answer, answers[(e.id, sid)]["answer"] or "",
+                                   _context_text(answers[(e.id, sid)])) for e, sid in batch]
                 seed = _batch_seed(spec.seed, metric.name, repeat, f"{batch[0][0].id}|{batch[0][1]}")
                 written: set[int] = set()
 
@@ -387,8 +399,8 @@ def _judge_all(ctx: JobContext, store: Any, spec: EvalSpec, plan: Plan, judge: A
                     for k, judgment in judge_batch(judge, metric, steps[metric.name],
                                                    [items[i] for i in left], spec.method,
                                                    spec.samples, spec.reasoning, seed):
-                        example, label = batch[left[k]]
-                        store.save_judgment(ctx.job_id, example.id, label, repeat, judgment.to_row())
+                        example, sid = batch[left[k]]
+                        store.save_judgment(ctx.job_id, example.id, sid, repeat, judgment.to_row())
                         written.add(left[k])
                         tracker.judged()
 

@@ -107,8 +107,8 @@ class EvalSpec:
     def _validate_systems(self) -> None:
         if not self.systems:
             raise EvalSpecError("Choose at least one system to evaluate.")
-        labels = [s.label for s in self.systems]
-        twice = sorted({label for label in labels if labels.count(label) > 1})
+        ids = [s.with_pipeline(self.pipeline).id for s in self.systems]
+        twice = sorted({s.label for s, i in zip(self.systems, ids) if ids.count(i) > 1})
         if twice:
             raise EvalSpecError(f"Two systems are the same ({', '.join(twice)}): each system must "
                                 "differ in model, adapter or RAG.")

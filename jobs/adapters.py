@@ -1,0 +1,151 @@
+"""The LoRA adapters this app knows: trained here, loaded from a folder or the Hub; their records,
+folders, and what they were trained on (for the evaluation's leakage check)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+from core import config
+from core.models import AdapterError, ModelHub
+from core.dataset_presets import PRESETS
+from core.schema import InputError, SplitSetting
+from core.store import Store
+from jobs.finetune import adapter_dir, result_of
+from jobs.finetune_data import FinetuneSpec
+from jobs.runner import JobRunner
+
+
+KIND = "finetune"
+
+
+def dataset_id_of(spec: FinetuneSpec) -> str:
+    """The catalog id of the dataset a fine-tune reads (the id core.datasets gives it)."""
+    if spec.is_file:
+        return f"upload:{Path(spec.dataset).name}"
+    return f"sample:{spec.dataset}" if spec.source == "sample" else f"hub:{PRESETS[spec.dataset].hub_id}"
+
+
+class AdapterCatalog:
+    def __init__(self, store: Store, hub: ModelHub, runner: JobRunner,
+                 split_of: Callable[[str], SplitSetting]) -> None:
+        """`split_of(dataset_id)` is the dataset's one split setting (the datasets catalog)."""
+        self.store, self.hub, self.runner, self._split_of = store, hub, runner, split_of
+
+    def training_spec(self, spec: FinetuneSpec) -> FinetuneSpec:
+        """The spec with its dataset's recorded split (one split for fine-tuning and evaluation)."""
+        split = self._split_of(dataset_id_of(spec))
+        spec = FinetuneSpec.from_dict({**spec.to_dict(), "split_seed": split.seed,
+                                       "eval_fraction": split.eval_fraction})
+        spec.validate()
+        return spec
+
+    def train(self, spec: FinetuneSpec) -> str:
+        """Start a fine-tune on the dataset's recorded split; returns the job id."""
+        return self.runner.start(KIND, self.training_spec(spec).to_dict())
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.store.list_adapters()
+
+    def paths(self) -> dict[str, str]:
+        return {r["name"]: r["path"] for r in self.store.list_adapters()}
+
+    def names(self, model_ref: str) -> list[str]:
+        return sorted(set(self.paths()) | set(self.hub.list_adapters(model_ref)))
+
+    def get(self, name: str) -> dict[str, Any]:
+        row = next((r for r in self.store.list_adapters() if r["name"] == name), None)
+        if row is None:
+            raise AdapterError(f"No adapter named '{name}'.")
+        return row
+
+    def training_ids(self, name: str) -> tuple[str | None, set[str]]:
+        """(dataset id, ids of the examples the adapter was trained on), from the train_ids.json
+        its fine-tune wrote; (None, empty) for an adapter trained elsewhere."""
+        path = self.paths().get(name)
+        record = Path(path) / "train_ids.json" if path else None
+        if record is None or not record.is_file():
+            return None, set()
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return data.get("dataset_id"), set(data.get("train") or [])
+
+    def sync(self) -> list[str]:
+        """Register finished adapter folders the table lacks (trained by the CLI while the app
+        held the database, or before a crash): nothing trained is lost from the list."""
+        known = set(self.paths())
+        added = []
+        for folder in sorted(config.subdir("adapters").iterdir()):
+            if folder.name in known or not (folder / "metrics.json").is_file():
+                continue
+            spec = FinetuneSpec.from_dict(json.loads((folder / "spec.json").read_text()))
+            metrics = json.loads((folder / "metrics.json").read_text())
+            self.store.upsert_adapter(**result_of(spec, folder, metrics))
+            added.append(folder.name)
+        return added
+
+    def record(self, job_id: str, result: dict[str, Any]) -> None:
+        """A finished fine-tune job's adapter becomes a row (the CLI writes the same row)."""
+        self.store.upsert_adapter(job_id=job_id, **result)
+
+    def import_(self, source: str, base_model: str, name: str | None = None) -> str:
+        """Register a LoRA folder or hub id after attaching it once (which validates it)."""
+        source = (source or "").strip()
+        if not source:
+            raise InputError("Give an adapter folder or a Hub id (owner/name).")
+        name = self.hub.load_adapter(base_model, source, (name or "").strip() or None)
+        path = Path(source) if Path(source).is_dir() else None
+        self.store.upsert_adapter(name, base_model, str(path or source))
+        return name
+
+    def rename(self, old: str, new: str) -> None:
+        row = self.get(old)
+        new = (new or "").strip()
+        if not new or new == old or any(r["name"] == new for r in self.store.list_adapters()):
+            raise AdapterError(f"Choose a new, unused adapter name (not '{new}').")
+        path = Path(row["path"])
+        if path.parent == adapter_dir(old).parent:  # ours: the folder follows the name
+            path = path.rename(adapter_dir(new))
+        self.store.rename_adapter(old, new, str(path))
+
+    def delete(self, name: str) -> None:
+        path = Path(self.get(name)["path"])
+        self.store.delete_adapter(name)
+        if path.parent == adapter_dir(name).parent:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def zip(self, name: str) -> Path:
+        """The adapter folder as a zip (weights, config, spec, metrics; no checkpoints)."""
+        folder = Path(self.get(name)["path"])
+        if not folder.is_dir():
+            raise AdapterError(f"The folder of adapter '{name}' is gone ({folder}).")
+        out = config.subdir("exports") / f"{name}.zip"
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file() and "checkpoints" not in path.relative_to(folder).parts:
+                    zf.write(path, path.relative_to(folder))
+        return out
+
+    def push(self, name: str, repo_id: str, token: str | None) -> str:
+        """Upload to the Hub with the token given (UI session) or HF_TOKEN; never stored."""
+        from huggingface_hub import HfApi
+
+        token = (token or "").strip() or os.environ.get("HF_TOKEN")
+        if not token:
+            raise InputError("Pushing needs a Hugging Face token: set HF_TOKEN or paste one "
+                             "(used for this request only, never stored).")
+        if not (repo_id or "").strip() or "/" not in repo_id:
+            raise InputError("Give the target repo as owner/name.")
+        folder = Path(self.get(name)["path"])
+        try:
+            api = HfApi(token=token)
+            api.create_repo(repo_id.strip(), exist_ok=True)
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id.strip(),
+                                     ignore_patterns=["checkpoints/*"])
+        except Exception as exc:  # offline, bad token, no permission: all user-fixable
+            raise InputError(f"Could not push '{name}' to {repo_id}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'no details'} "
+                             "(offline or no write access?)") from exc
+        return str(getattr(info, "commit_url", repo_id))

@@ -1,0 +1,89 @@
+"""What the Evaluate and Compare tabs read and write about evaluations: starting runs, their
+summaries and items, exports, run comparison, the study view, the read-only SQL box, and votes.
+The UI calls this; the SQL lives in core/store.py and the statistics in core/evalstats.py."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from core import config, evalstats
+from core.store import EXAMPLE_QUERIES, Store
+from core.systems import System
+from jobs.evaluate import EvalResources, EvalSpec, start_evaluation
+from jobs.runner import JobRunner
+
+
+class Evaluations:
+    def __init__(self, store: Store, runner: JobRunner, resources: EvalResources,
+                 adapter_rows: Callable[[], list[dict[str, Any]]]) -> None:
+        self.store, self.runner, self.resources = store, runner, resources
+        self._adapter_rows = adapter_rows
+
+    def start(self, spec: EvalSpec) -> str:
+        """Check the request, then start it as a background job; returns the run id."""
+        return start_evaluation(self.resources, self.runner, spec)
+
+    def runs(self) -> list[dict[str, Any]]:
+        return self.store.list_eval_runs()
+
+    def started(self, run_id: str) -> bool:
+        """A queued run has a job but no run row yet."""
+        return self.store.get_eval_run(run_id) is not None
+
+    def summary(self, run_id: str, n_boot: int = evalstats.N_BOOTSTRAP) -> list[dict[str, Any]]:
+        return evalstats.summarize_run(self.store, run_id, n_boot=n_boot) if self.started(run_id) else []
+
+    def items(self, run_id: str) -> list[dict[str, Any]]:
+        return self.store.eval_items(run_id) if self.started(run_id) else []
+
+    def item(self, run_id: str, example_id: str, system_id: str, metric: str) -> dict[str, Any]:
+        """One item's answer and every judgment of it on one metric (replies, scores, reasoning)."""
+        rows = self.store.eval_items(run_id, system_id, metric)
+        row = next((r for r in rows if r["example_id"] == example_id), None)
+        if row is None:
+            raise ValueError(f"Run '{run_id}' has no judged item '{example_id}' for that system.")
+        answer = next((a for a in self.store.eval_answers(run_id)
+                       if a["example_id"] == example_id and a["system_id"] == system_id), {})
+        judgments = [j for j in self.store.eval_judgments(run_id)
+                     if j["example_id"] == example_id and j["system_id"] == system_id
+                     and j["metric"] == metric]
+        return {"question": row["question"], "reference": row["reference"], "system": row["system"],
+                "answer": row["answer"], "retrieved": answer.get("retrieved"),
+                "judgments": [{k: j[k] for k in ("repeat", "method", "score", "distribution",
+                                                 "parsed_scores", "raw", "reasoning",
+                                                 "parse_failures")} for j in judgments]}
+
+    def export(self, run_id: str, fmt: str) -> list[Path]:
+        return self.store.export_eval_run(run_id, config.subdir("exports"), fmt)
+
+    def compare(self, run_a: str, run_b: str, n_boot: int = evalstats.N_BOOTSTRAP) -> list[dict[str, Any]]:
+        return evalstats.compare_runs(self.store, run_a, run_b, n_boot=n_boot)
+
+    def study_rows(self, n_boot: int = 200) -> list[dict[str, Any]]:
+        """Mean score per run, system and metric, labelled like the study's figures: dataset and
+        training-set size (the adapter's n_train; 0 for the base model)."""
+        n_train = {a["name"]: (a["metrics"] or {}).get("n_train") for a in self._adapter_rows()}
+        rows = []
+        for run in self.runs():
+            systems = {d["id"]: System.from_fields(d) for d in (run["spec"] or {}).get("systems", [])
+                       if "id" in d}
+            for s in evalstats.summarize_run(self.store, run["id"], n_boot=n_boot):
+                system = systems.get(s["system_id"])
+                if system is None:
+                    continue
+                rows.append({"group": f"{run['dataset_id']} · n={n_train.get(system.adapter) or 0}",
+                             "system": ("base" if system.is_base else "fine-tuned")
+                             + (" + RAG" if system.rag else ""),
+                             "metric": s["metric"], "mean": s["mean"]})
+        return rows
+
+    example_queries = EXAMPLE_QUERIES
+
+    def sql(self, query: str) -> tuple[list[str], list[tuple]]:
+        return self.store.read_only_query(query)
+
+    def record_vote(self, question: str, systems: list[System], answers: list[str], choice: str,
+                    decoding: dict[str, Any], retrieved: list[dict[str, Any]]) -> str:
+        """A person's verdict on two answers; systems are stored with their ids and labels."""
+        return self.store.add_vote(question, [{**s.fields(), "id": s.id, "label": s.label}
+                                              for s in systems], answers, choice, decoding, retrieved)
