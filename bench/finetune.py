@@ -29,7 +29,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +191,8 @@ def main() -> None:
     from jobs.finetune import load_tokenizer
     from jobs.finetune_data import FinetuneSpec, prepare_data
 
-    spec = replace(FinetuneSpec.cpu_preset(), n_train=args.steps * 8, val_size=0, name="bench",
-                   val_every=10_000, checkpoint_every=10_000)
+    spec = FinetuneSpec.cpu_preset().replace(n_train=args.steps * 8, val_size=0, name="bench",
+                                             val_every=10_000, checkpoint_every=10_000)
     tokenizer, path = load_tokenizer(MODEL)
     data = prepare_data(spec, tokenizer, log=lambda line: None)
     cfg = AutoConfig.from_pretrained(path)

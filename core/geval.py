@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
 
 from core.models import BASE, GenParams, Prompt, TokenScores, get_hub
+from core.names import check_name
 from core.schema import InputError
 
 if TYPE_CHECKING:
@@ -36,7 +37,6 @@ MAX_SCORE_VALUES = 10
 WEAK_JUDGE_NOTE = ("The built-in judge is a 135M model: it runs offline but is a weak judge (its "
                    "scores cluster and many sampled replies do not parse). Use a strong model "
                    "through an OpenAI-compatible endpoint for numbers you want to report.")
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9 _-]{0,39}$")
 
 
 class MetricError(InputError):
@@ -62,8 +62,10 @@ class Metric:
 
     @property
     def label(self) -> str:
-        """How the form names it: "accuracy" -> "Accuracy"."""
-        return self.name[:1].upper() + self.name[1:]
+        """How the form names it, derived from the name: "accuracy" -> "Accuracy",
+        "context_faithfulness" -> "Context faithfulness"."""
+        words = self.name.replace("_", " ")
+        return words[:1].upper() + words[1:]
 
     @property
     def scores(self) -> list[int]:
@@ -81,9 +83,7 @@ class Metric:
         return 0 <= self.score_min and self.score_max <= 9
 
     def validate(self) -> "Metric":
-        if not isinstance(self.name, str) or not _NAME.match(self.name.strip()):
-            raise MetricError("A metric needs a name: 1-40 letters, digits, spaces, '_' or '-', "
-                              f"starting with a letter (got {self.name!r}).")
+        check_name(self.name, "Metric name", MetricError)
         if not isinstance(self.criteria, str) or not self.criteria.strip():
             raise MetricError(f"Metric '{self.name}' has no criteria: say what the judge should "
                               "check (e.g. 'is every claim supported by the retrieved context?').")

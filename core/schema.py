@@ -67,11 +67,6 @@ def validate_question(question: str | None, max_chars: int) -> str:
     return text
 
 
-def is_int(value: Any) -> bool:
-    """A whole number from JSON or a form (True/False are not numbers here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def unknown_fields(cls: type, data: dict[str, Any]) -> list[str]:
     """Keys of `data` that the dataclass `cls` does not have (specs refuse them by name)."""
     return sorted(set(data) - {f.name for f in fields(cls)})

@@ -38,10 +38,7 @@ class AdapterCatalog:
     def training_spec(self, spec: FinetuneSpec) -> FinetuneSpec:
         """The spec with its dataset's recorded split (one split for fine-tuning and evaluation)."""
         split = self._split_of(dataset_id_of(spec))
-        spec = FinetuneSpec.from_dict({**spec.to_dict(), "split_seed": split.seed,
-                                       "eval_fraction": split.eval_fraction})
-        spec.validate()
-        return spec
+        return spec.replace(split_seed=split.seed, eval_fraction=split.eval_fraction).check_runnable()
 
     def train(self, spec: FinetuneSpec) -> str:
         """Start a fine-tune on the dataset's recorded split; returns the job id."""

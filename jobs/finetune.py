@@ -236,7 +236,7 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
     from transformers import get_scheduler
 
     started = time.perf_counter()
-    spec.validate()
+    spec.check_runnable()
     cuda = torch.cuda.is_available()
     # cpu=True on a CPU-only machine lets torchrun start several CPU processes (gloo).
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)

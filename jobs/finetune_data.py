@@ -1,14 +1,15 @@
 """The fine-tune spec and everything between a dataset and a padded batch of token ids.
 
 jobs/finetune.py holds the training loop; this module holds what it consumes:
-- FinetuneSpec: every knob, checked by validate() before anything is loaded;
+- FinetuneSpec: every knob with its help and bounds, checked when the spec is built; what depends
+  on the machine (the dataset file, CUDA for QLoRA) is checked by check_runnable() before training;
 - the train/validation sample, drawn from the TRAIN split only (an eval example can never be
   trained on), nested across sizes (the n=200 sample is a prefix of the n=500 one for a seed);
 - tokenization with the loss on the answer only, and the batch plan (which examples form each
   micro-batch of each optimizer step), a pure function of the seed so a resumed run sees the
   same batches as an uninterrupted one;
 - prepare_data, which runs all of that and raises every user-fixable problem before training;
-- the CLI flags, one per spec field.
+- the CLI flags, generated from the spec's fields (core.spec_cli).
 """
 from __future__ import annotations
 
@@ -17,59 +18,90 @@ import json
 import math
 import random
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 
 from core import config
 from core.datasets import QADataset, load_preset, load_upload
 from core.dataset_presets import PRESETS
-from core.schema import InputError, Passage, QAExample, unknown_fields
+from core.names import check_name
+from core.schema import InputError, Passage, QAExample
+from core.spec_cli import add_spec_arguments, spec_overrides
+from core.specs import CommaList, Number, Spec, Text, WholeNumber, name_of
 
 IGNORE = -100  # label value that cross-entropy skips (prompt and padding positions)
-CONTEXT_MODES = ("none", "gold", "retrieved")
-SCHEDULES = ("cosine", "linear", "constant")
-SOURCES = ("sample", "hub")
 MAX_SANE_LR = 1e-2
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # also a valid ModelHub adapter name
 
 
 class FinetuneError(InputError):
     """A fine-tune request that cannot work; the message says what to change."""
 
 
-@dataclass
-class FinetuneSpec:
+class FinetuneSpec(Spec):
     """What to train. Defaults follow the study (LoRA r 16, alpha 32, 3 epochs, lr 2e-4, batch 16)."""
 
-    base_model: str = config.DEFAULT_CHAT_MODEL
-    dataset: str = "bioasq"  # a preset name, or the path of an uploaded .jsonl/.json/.csv/.parquet
-    source: str = "sample"  # presets only: the shipped sample or the Hugging Face Hub
-    n_train: int = 200
-    context: str = "none"  # what the training prompts carry: none | gold passages | retrieved
-    pipeline: str = ""  # saved pipeline: its prompt template (and retriever for "retrieved")
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    qlora: bool = False
-    epochs: int = 3
-    lr: float = 2e-4
-    lr_schedule: str = "cosine"
-    warmup_ratio: float = 0.03
-    micro_batch_size: int = 4
-    grad_accum: int = 4
-    max_length: int = 1024
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    split_seed: int = 0  # the train/eval split: must match the one evaluation uses
-    eval_fraction: float = 0.3
-    val_size: int = 16  # train-split examples held out of training for a validation loss
-    val_every: int = 25  # optimizer steps between validation losses (also at the end)
-    checkpoint_every: int = 25  # optimizer steps between checkpoints
-    name: str = ""  # adapter folder name; empty: derived from the spec
+    noun = "fine-tune spec"
+    error = FinetuneError
+
+    base_model: Text = Field(config.DEFAULT_CHAT_MODEL, description="model alias, local folder or hub id")
+    dataset: Text = Field("bioasq", description="preset (bioasq, qasper, nq) or the path of a "
+                          ".jsonl/.json/.csv/.parquet file")
+    source: Literal["sample", "hub"] = Field(
+        "sample", description="for presets: 'sample' (shipped, offline) or 'hub'")
+    n_train: WholeNumber = Field(200, ge=1, description="training examples, sampled with --seed from "
+                                 "the train split only")
+    context: Literal["none", "gold", "retrieved"] = Field(
+        "none", description="what training prompts carry: none | gold (gold passages) | retrieved "
+        "(by --pipeline)")
+    pipeline: name_of("Pipeline name", blank_ok=True) = Field(
+        "", description="saved pipeline whose prompt template (and, for 'retrieved', retriever) is used")
+    lora_r: WholeNumber = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: Number = Field(32.0, gt=0, description="LoRA alpha")
+    lora_dropout: Number = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: CommaList = Field(["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1,
+                                      description="module names LoRA adapts")
+    qlora: bool = Field(False, description="4-bit base weights (needs CUDA and bitsandbytes)")
+    epochs: WholeNumber = Field(3, ge=1, description="passes over the training examples")
+    lr: Number = Field(2e-4, gt=0, description=f"peak learning rate (at most {MAX_SANE_LR:g})")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate schedule after a linear warm-up")
+    warmup_ratio: Number = Field(0.03, ge=0, lt=1, description="share of the steps spent warming up")
+    micro_batch_size: WholeNumber = Field(4, ge=1, description="examples per forward pass")
+    grad_accum: WholeNumber = Field(4, ge=1, description="micro-batches per optimizer step")
+    max_length: WholeNumber = Field(1024, ge=8, description="tokens per example; must exceed the "
+                                    "longest prompt")
+    max_grad_norm: Number = Field(1.0, gt=0, description="gradient clipping norm")
+    seed: WholeNumber = Field(0, ge=0, description="sampling, shuffling and dropout seed")
+    split_seed: WholeNumber = Field(0, ge=0, description="seed of the train/eval split (keep it equal "
+                                    "to evaluation's)")
+    eval_fraction: Number = Field(0.3, gt=0, lt=1, description="share of examples in the eval split "
+                                  "(never trained on)")
+    val_size: WholeNumber = Field(16, ge=0, description="train-split examples held out for the "
+                                  "validation loss")
+    val_every: WholeNumber = Field(25, ge=1, description="optimizer steps between validation losses "
+                                   "(also at the end)")
+    checkpoint_every: WholeNumber = Field(25, ge=1, description="optimizer steps between checkpoints")
+    name: name_of("Adapter name", blank_ok=True) = Field(
+        "", description="adapter folder name (default: derived from the spec)")
+
+    @field_validator("lr")
+    @classmethod
+    def _sane_lr(cls, lr: float) -> float:
+        if lr > MAX_SANE_LR:
+            raise FinetuneError(f"A learning rate of {lr:g} is absurd for LoRA (it would destroy the "
+                                f"model); use at most {MAX_SANE_LR:g}, typically 1e-4 to 3e-4.")
+        return lr
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FinetuneSpec":
+        if self.context == "retrieved" and not self.pipeline:
+            raise FinetuneError("Context 'retrieved' needs the name of a saved pipeline to retrieve with.")
+        check_name(self.output_name, "Adapter name")  # a derived name must pass too
+        return self
 
     @classmethod
     def cpu_preset(cls) -> "FinetuneSpec":
@@ -94,76 +126,15 @@ class FinetuneSpec:
     def is_file(self) -> bool:
         return self.dataset not in PRESETS
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FinetuneSpec":
-        if not isinstance(data, dict):
-            raise FinetuneError("A fine-tune spec must be a JSON object.")
-        unknown = unknown_fields(cls, data)
-        if unknown:
-            raise FinetuneError(f"Unknown field(s) in the fine-tune spec: {', '.join(unknown)}.")
-        values = dict(data)
-        if isinstance(values.get("target_modules"), str):
-            values["target_modules"] = [m.strip() for m in values["target_modules"].split(",") if m.strip()]
-        return cls(**values)
-
-    def validate(self) -> None:
-        """Raise FinetuneError on the first problem, before any model or data is loaded."""
-        _check_text(self.base_model, "base_model", "a model alias, folder or hub id")
-        self._validate_data()
-        self._validate_lora()
-        self._validate_optimization()
-        if not _NAME.match(self.output_name):
-            raise FinetuneError(f"Adapter name {self.output_name!r} is not allowed: use 1-64 letters, "
-                                "digits, '_' or '-', starting with a letter or digit.")
-
-    def _validate_data(self) -> None:
-        _check_text(self.dataset, "dataset", f"a preset ({', '.join(PRESETS)}) or an uploaded file")
+    def check_runnable(self) -> "FinetuneSpec":
+        """What depends on this machine, checked right before training (not when a stored spec is
+        read back): the dataset file still exists, and QLoRA has CUDA and bitsandbytes."""
         if self.is_file and not Path(self.dataset).is_file():
             raise FinetuneError(f"Dataset '{self.dataset}' is neither a preset ({', '.join(PRESETS)}) "
                                 "nor an existing file.")
-        if not self.is_file and self.source not in SOURCES:
-            raise FinetuneError(f"A preset is loaded from 'sample' or 'hub', not {self.source!r}.")
-        _check_int(self.n_train, "n_train", 1)
-        _check_int(self.val_size, "val_size", 0)
-        if self.context not in CONTEXT_MODES:
-            raise FinetuneError(f"Unknown context mode {self.context!r}; choose one of: "
-                                f"{', '.join(CONTEXT_MODES)}.")
-        if self.context == "retrieved" and not self.pipeline:
-            raise FinetuneError("Context 'retrieved' needs the name of a saved pipeline to retrieve with.")
-        if not isinstance(self.eval_fraction, (int, float)) or not 0 < self.eval_fraction < 1:
-            raise FinetuneError(f"eval_fraction must be between 0 and 1, not {self.eval_fraction!r}.")
-        _check_int(self.split_seed, "split_seed", 0)
-
-    def _validate_lora(self) -> None:
-        _check_int(self.lora_r, "LoRA rank r", 1)
-        _check_number(self.lora_alpha, "LoRA alpha", low=0.0, low_inclusive=False)
-        _check_number(self.lora_dropout, "LoRA dropout", low=0.0, high=1.0)
-        if (not isinstance(self.target_modules, list) or not self.target_modules
-                or not all(isinstance(m, str) and m.strip() for m in self.target_modules)):
-            raise FinetuneError("target_modules must be a non-empty list of module names, "
-                                "e.g. q_proj,k_proj,v_proj,o_proj.")
         if self.qlora:
             check_qlora_possible()
-
-    def _validate_optimization(self) -> None:
-        _check_int(self.epochs, "epochs", 1)
-        _check_number(self.lr, "learning rate", low=0.0, low_inclusive=False)
-        if self.lr > MAX_SANE_LR:
-            raise FinetuneError(f"A learning rate of {self.lr:g} is absurd for LoRA (it would destroy the "
-                                f"model); use at most {MAX_SANE_LR:g}, typically 1e-4 to 3e-4.")
-        if self.lr_schedule not in SCHEDULES:
-            raise FinetuneError(f"Unknown lr schedule {self.lr_schedule!r}; choose one of: {', '.join(SCHEDULES)}.")
-        _check_number(self.warmup_ratio, "warmup_ratio", low=0.0, high=1.0)
-        _check_int(self.micro_batch_size, "micro_batch_size", 1)
-        _check_int(self.grad_accum, "grad_accum", 1)
-        _check_int(self.max_length, "max_length", 8)
-        _check_number(self.max_grad_norm, "max_grad_norm", low=0.0, low_inclusive=False)
-        _check_int(self.seed, "seed", 0)
-        _check_int(self.val_every, "val_every", 1)
-        _check_int(self.checkpoint_every, "checkpoint_every", 1)
+        return self
 
 
 def check_qlora_possible() -> None:
@@ -174,25 +145,6 @@ def check_qlora_possible() -> None:
                             "machine has none; turn QLoRA off to train plain LoRA on the CPU.")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise FinetuneError("QLoRA needs the bitsandbytes package: pip install bitsandbytes.")
-
-
-def _check_text(value: Any, what: str, expected: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise FinetuneError(f"{what} is empty; give {expected}.")
-
-
-def _check_int(value: Any, what: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise FinetuneError(f"{what} must be a whole number of at least {minimum}, not {value!r}.")
-
-
-def _check_number(value: Any, what: str, low: float, high: float | None = None,
-                  low_inclusive: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= low if low_inclusive else value > low) and (high is None or value < high)
-    if not ok:
-        bounds = f"{'at least' if low_inclusive else 'above'} {low:g}" + (f" and below {high:g}" if high else "")
-        raise FinetuneError(f"{what} must be a number {bounds}, not {value!r}.")
 
 
 # ---------------------------------------------------------------- the sample
@@ -403,32 +355,7 @@ def prepare_data(spec: FinetuneSpec, tokenizer: Any, log: Any) -> TrainData:
     n = len(sample.train)
     return TrainData(sample, messages[:n], encoded[:n], encoded[n:], truncated, prompt_lengths[longest])
 
-
 # ---------------------------------------------------------------- CLI flags (one per spec field)
-
-_HELP = {
-    "base_model": "model alias, local folder or hub id",
-    "dataset": "preset (bioasq, qasper, nq) or the path of a .jsonl/.json/.csv/.parquet file",
-    "source": "for presets: 'sample' (shipped, offline) or 'hub'",
-    "n_train": "training examples, sampled with --seed from the train split only",
-    "context": "what training prompts carry: none | gold (gold passages) | retrieved (by --pipeline)",
-    "pipeline": "saved pipeline whose prompt template (and, for 'retrieved', retriever) is used",
-    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout, in [0, 1)",
-    "target_modules": "comma-separated module names LoRA adapts",
-    "qlora": "4-bit base weights (needs CUDA and bitsandbytes)",
-    "epochs": "passes over the training examples", "lr": "peak learning rate (at most 1e-2)",
-    "lr_schedule": "cosine | linear | constant (all after a linear warm-up)",
-    "warmup_ratio": "share of the steps spent warming up",
-    "micro_batch_size": "examples per forward pass", "grad_accum": "micro-batches per optimizer step",
-    "max_length": "tokens per example; must exceed the longest prompt",
-    "max_grad_norm": "gradient clipping norm", "seed": "sampling, shuffling and dropout seed",
-    "split_seed": "seed of the train/eval split (keep it equal to evaluation's)",
-    "eval_fraction": "share of examples in the eval split (never trained on)",
-    "val_size": "train-split examples held out for the validation loss",
-    "val_every": "optimizer steps between validation losses",
-    "checkpoint_every": "optimizer steps between checkpoints",
-    "name": "adapter folder name (default: derived from the spec)",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -442,18 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "nq sample, gold context, n_train 32, 1 epoch, micro batch 4 x 2, max_length "
                         "384, r 8")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
-    defaults = FinetuneSpec()
-    for f in fields(FinetuneSpec):
-        default = getattr(defaults, f.name)
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"{_HELP[f.name]} (default: {default})")
-        else:
-            kind = str if isinstance(default, list) else type(default)
-            shown = ",".join(default) if isinstance(default, list) else default
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=_HELP[f.name] + (f" (default: {shown})" if shown != "" else ""))
+    add_spec_arguments(parser, FinetuneSpec)
     return parser
 
 
@@ -469,6 +385,4 @@ def spec_from_args(args: argparse.Namespace) -> FinetuneSpec:
             values.update(json.loads(text))
         except json.JSONDecodeError as err:
             raise FinetuneError(f"--spec-json is not valid JSON: {err.msg} (column {err.colno}).") from err
-    names = {f.name for f in fields(FinetuneSpec)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return FinetuneSpec.from_dict(values)
+    return FinetuneSpec.from_dict(spec_overrides(args, FinetuneSpec, values))

@@ -88,7 +88,6 @@ def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 def make_generator(spec: GeneratorSpec) -> Any:
     """The Haystack chat generator a GeneratorSpec describes (not warmed up)."""
-    spec.validate()
     if spec.kind == "local":
         return LocalChatGenerator(spec.model, {"max_new_tokens": spec.max_new_tokens,
                                                "temperature": spec.temperature})

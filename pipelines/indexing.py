@@ -81,7 +81,6 @@ def build_index(spec: PipelineSpec, passages: list[Passage], progress: Progress 
                 should_cancel: Callable[[], bool] | None = None, batch_size: int = DEFAULT_BATCH,
                 persist: bool = True) -> DocumentStoreHandle:
     """Split, embed (for embedding/hybrid retrieval) and store `passages`; save unless persist=False."""
-    spec.validate()
     documents = passage_documents(passages)
     if not documents:
         raise SpecError("There are no passages with text to index; load a dataset with a corpus first.")

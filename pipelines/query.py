@@ -7,7 +7,6 @@ generator for callers who want a single Haystack pipeline.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 from collections import OrderedDict
@@ -33,7 +32,6 @@ _CACHE_SIZE = 8
 
 def check_compatible(spec: PipelineSpec, store: DocumentStoreHandle) -> None:
     """The query spec may change top_k, ranker and prompt, but vectors come from the index's embedder."""
-    spec.validate()
     if spec.needs_embeddings and not store.has_embeddings:
         raise SpecError(f"The index '{store.name}' was built for BM25 only, without embeddings; "
                         f"rebuild it to use {spec.retriever} retrieval.")
@@ -141,7 +139,6 @@ def retrieve(spec: PipelineSpec, store: DocumentStoreHandle, question: str) -> l
 def build_prompt(spec: PipelineSpec, question: str, documents: list[Document]) -> list[dict[str, str]]:
     """The chat messages (role/content dicts) that every compared system receives."""
     question = validate_question(question, config.MAX_QUESTION_CHARS)
-    spec.validate()
     builder = ChatPromptBuilder(template=spec.prompt_template, required_variables=["question"])
     return chat_dicts(builder.run(question=question, documents=documents)["prompt"])
 
@@ -178,7 +175,7 @@ def retrieval_metrics(spec: PipelineSpec, store: DocumentStoreHandle, examples: 
     share of examples with at least one (single_hit), mrr = mean 1/rank of the first gold chunk.
     Examples whose contexts match no corpus passage cannot be scored and are counted as `skipped`.
     """
-    spec_k = dataclasses.replace(spec, top_k=top_k) if top_k is not None else spec
+    spec_k = spec.replace(top_k=top_k) if top_k is not None else spec
     truths: list[list[Document]] = []
     retrieved: list[list[Document]] = []
     skipped = 0

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
 from core import config
-from core.schema import InputError, is_int, unknown_fields
+from core.names import check_name, inside
+from core.schema import InputError
+from core.specs import Number, Spec, Text, WholeNumber, name_of
 
 if TYPE_CHECKING:
     from core.store import Store
@@ -24,12 +27,8 @@ SplitBy = Literal["word", "sentence", "passage"]
 RetrieverKind = Literal["bm25", "embedding", "hybrid"]
 GeneratorKind = Literal["local", "openai"]
 
-SPLIT_BY = ("word", "sentence", "passage")
-RETRIEVERS = ("bm25", "embedding", "hybrid")
-GENERATOR_KINDS = ("local", "openai")
 MAX_TOP_K = 100
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 # A ChatPromptBuilder string template. Small models follow a short, explicit instruction best, and
 # numbered passages let a reader check which one an answer came from.
@@ -50,105 +49,85 @@ class SpecError(InputError):
     """A pipeline spec, or a model it names, that cannot work; the message says what to change."""
 
 
-@dataclass
-class SplitterSpec:
+class SplitterSpec(Spec):
+    noun = "splitter"
+    error = SpecError
+
     # "sentence" splits after each period (Haystack's split_by="period"): Haystack's own
     # "sentence" mode needs NLTK and its punkt data, which cannot be downloaded offline.
-    split_by: SplitBy = "word"
-    split_length: int = 150
-    split_overlap: int = 30
+    split_by: SplitBy = Field("word", description="unit the documents are split into")
+    split_length: WholeNumber = Field(150, ge=1, description="units per chunk")
+    split_overlap: WholeNumber = Field(30, ge=0, description="units shared by neighbouring chunks")
 
-    def validate(self) -> None:
-        if self.split_by not in SPLIT_BY:
-            raise SpecError(f"Unknown split unit '{self.split_by}'; choose one of: {', '.join(SPLIT_BY)}.")
-        if not is_int(self.split_length) or self.split_length < 1:
-            raise SpecError(f"The split length must be a whole number of at least 1, not {self.split_length!r}.")
-        if not is_int(self.split_overlap) or not 0 <= self.split_overlap < self.split_length:
+    @model_validator(mode="after")
+    def _overlap_below_length(self) -> "SplitterSpec":
+        if self.split_overlap >= self.split_length:
             raise SpecError(f"The split overlap must be a whole number from 0 to below the split length "
                             f"({self.split_length}), not {self.split_overlap!r}.")
+        return self
 
 
-@dataclass
-class GeneratorSpec:
+class GeneratorSpec(Spec):
     """Which model answers. The API key itself is never stored: only the name of its env variable."""
 
-    kind: GeneratorKind = "local"
-    model: str = config.DEFAULT_CHAT_MODEL
-    base_url: str | None = None  # OpenAI-compatible servers (vLLM, TGI, Ollama, transformers serve)
-    api_key_env: str = "OPENAI_API_KEY"
-    max_new_tokens: int = 128
-    temperature: float = 0.0
+    noun = "generator"
+    error = SpecError
 
-    def validate(self) -> None:
-        if self.kind not in GENERATOR_KINDS:
-            raise SpecError(f"Unknown generator kind '{self.kind}'; choose one of: {', '.join(GENERATOR_KINDS)}.")
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise SpecError("The generator needs a model name.")
-        if self.base_url and not re.match(r"^https?://\S+$", self.base_url):
-            raise SpecError(f"The base URL '{self.base_url}' must start with http:// or https://.")
-        if not _ENV_NAME.match(self.api_key_env or ""):
-            raise SpecError(f"'{self.api_key_env}' is not an environment variable name.")
-        if not is_int(self.max_new_tokens) or not 1 <= self.max_new_tokens <= 8192:
-            raise SpecError(f"max_new_tokens must be a whole number from 1 to 8192, not {self.max_new_tokens!r}.")
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature <= 2:
-            raise SpecError(f"The temperature must be from 0 (greedy) to 2, not {self.temperature!r}.")
+    kind: GeneratorKind = Field("local", description="local (ModelHub) or openai (any "
+                                "OpenAI-compatible endpoint)")
+    model: Text = Field(config.DEFAULT_CHAT_MODEL, description="model alias, local folder, hub id, "
+                        "or the endpoint's model name")
+    base_url: str | None = Field(None, description="OpenAI-compatible server (vLLM, TGI, Ollama, "
+                                 "transformers serve), e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    max_new_tokens: WholeNumber = Field(128, ge=1, le=8192, description="answer length limit in tokens")
+    temperature: Number = Field(0.0, ge=0, le=2, description="0 is greedy decoding")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url and not re.match(r"^https?://\S+$", url):
+            raise SpecError(f"The base URL '{url}' must start with http:// or https://.")
+        return url
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, name: str) -> str:
+        if not _ENV_NAME.fullmatch(name):
+            raise SpecError(f"'{name}' is not an environment variable name.")
+        return name
 
 
-@dataclass
-class PipelineSpec:
-    name: str
-    splitter: SplitterSpec = field(default_factory=SplitterSpec)
-    embedder: str = config.DEFAULT_EMBEDDER  # alias, local folder or hub id (core.models.resolve)
-    retriever: RetrieverKind = "hybrid"
-    top_k: int = 3
-    ranker: str | None = None  # a sentence-transformers cross-encoder (local folder or hub id)
-    prompt_template: str = DEFAULT_TEMPLATE
-    generator: GeneratorSpec = field(default_factory=GeneratorSpec)
+def _blank_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
 
-    def __post_init__(self) -> None:
-        if self.ranker is not None and isinstance(self.ranker, str) and not self.ranker.strip():
-            self.ranker = None  # a blank ranker box in a form means "no ranker"
-        self.validate()
+
+def _renderable(template: str) -> str:
+    check_template(template)
+    return template
+
+
+class PipelineSpec(Spec):
+    noun = "pipeline spec"
+    error = SpecError
+
+    name: name_of("Pipeline name") = Field(description="the pipeline's name (its files and index "
+                                           "are named after it)")
+    splitter: SplitterSpec = Field(default_factory=SplitterSpec, description="how passages are chunked")
+    embedder: Text = Field(config.DEFAULT_EMBEDDER, description="embedding model: alias, local folder "
+                           "or hub id")
+    retriever: RetrieverKind = Field("hybrid", description="bm25, embedding, or both joined")
+    top_k: WholeNumber = Field(3, ge=1, le=MAX_TOP_K, description="passages the prompt receives")
+    # A blank ranker box in a form means "no ranker".
+    ranker: Annotated[str | None, BeforeValidator(_blank_is_none)] = Field(
+        None, description="sentence-transformers cross-encoder that reorders the retrieved passages")
+    prompt_template: Annotated[str, AfterValidator(_renderable)] = Field(
+        DEFAULT_TEMPLATE, description="ChatPromptBuilder template using {{ question }} and documents")
+    generator: GeneratorSpec = Field(default_factory=GeneratorSpec, description="which model answers")
 
     @property
     def needs_embeddings(self) -> bool:
         return self.retriever in ("embedding", "hybrid")
-
-    def validate(self) -> None:
-        """Raise SpecError on the first problem; build functions call it again before use."""
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise SpecError(f"Pipeline name {self.name!r} is not allowed: use 1-64 letters, digits, "
-                            "'_', '-' or '.', starting with a letter or digit.")
-        self.splitter.validate()
-        if not isinstance(self.embedder, str) or not self.embedder.strip():
-            raise SpecError("The pipeline needs an embedder model name.")
-        if self.retriever not in RETRIEVERS:
-            raise SpecError(f"Unknown retriever '{self.retriever}'; choose one of: {', '.join(RETRIEVERS)}.")
-        if not is_int(self.top_k) or not 1 <= self.top_k <= MAX_TOP_K:
-            raise SpecError(f"top_k must be a whole number from 1 to {MAX_TOP_K}, not {self.top_k!r}.")
-        if self.ranker is not None and not isinstance(self.ranker, str):
-            raise SpecError(f"The ranker must be a model name or empty, not {self.ranker!r}.")
-        check_template(self.prompt_template)
-        self.generator.validate()
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PipelineSpec":
-        if not isinstance(data, dict):
-            raise SpecError("A pipeline spec must be a JSON object.")
-        _check_keys(cls, data, "pipeline spec")
-        values = dict(data)
-        for key, sub in (("splitter", SplitterSpec), ("generator", GeneratorSpec)):
-            if key in values:
-                if not isinstance(values[key], dict):
-                    raise SpecError(f"The '{key}' part of a pipeline spec must be a JSON object.")
-                _check_keys(sub, values[key], key)
-                values[key] = sub(**values[key])
-        if "name" not in values:
-            raise SpecError("A pipeline spec needs a name.")
-        return cls(**values)
 
 
 def check_template(template: str) -> None:
@@ -176,12 +155,6 @@ def check_template(template: str) -> None:
         raise SpecError("The prompt template renders no messages; wrap text in {% message role=\"user\" %} blocks.")
 
 
-def _check_keys(cls: type, data: dict[str, Any], what: str) -> None:
-    unknown = unknown_fields(cls, data)
-    if unknown:
-        raise SpecError(f"Unknown field(s) in the {what}: {', '.join(unknown)}.")
-
-
 # ---------------------------------------------------------------- saved specs
 
 
@@ -191,14 +164,12 @@ def specs_dir() -> Path:
 
 def index_dir(name: str) -> Path:
     """Where the index built for pipeline `name` lives (not created here)."""
-    _check_name(name)
-    return config.subdir("indexes") / name
+    return inside(config.subdir("indexes"), _checked(name))
 
 
 def save_spec(spec: PipelineSpec, haystack_yaml: str | None = None, store: Store | None = None) -> Path:
     """Write (or overwrite) the spec file; also the Haystack YAML and the DuckDB row when given."""
-    spec.validate()
-    path = specs_dir() / f"{spec.name}.json"
+    path = _spec_file(spec.name, ".json")
     _write_atomic(path, json.dumps(spec.to_dict(), indent=2, ensure_ascii=False))
     yaml_path = path.with_suffix(".yaml")
     if haystack_yaml is not None:
@@ -209,8 +180,7 @@ def save_spec(spec: PipelineSpec, haystack_yaml: str | None = None, store: Store
 
 
 def load_spec(name: str) -> PipelineSpec:
-    _check_name(name)
-    path = specs_dir() / f"{name}.json"
+    path = _spec_file(name, ".json")
     if not path.is_file():
         known = ", ".join(list_specs()) or "none yet"
         raise SpecError(f"No saved pipeline named '{name}' (saved: {known}).")
@@ -227,19 +197,20 @@ def list_specs() -> list[str]:
 
 def delete_spec(name: str, store: Store | None = None) -> None:
     """Remove the spec, its YAML, its index folder and (given a store) its DuckDB row."""
-    _check_name(name)
     for suffix in (".json", ".yaml"):
-        (specs_dir() / f"{name}{suffix}").unlink(missing_ok=True)
+        _spec_file(name, suffix).unlink(missing_ok=True)
     shutil.rmtree(index_dir(name), ignore_errors=True)
     if store is not None:
         store.delete_pipeline(name)
 
 
-def _check_name(name: str) -> None:
-    # Names become file names: this check is what keeps "../x" out of the data dir.
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise SpecError(f"Pipeline name {name!r} is not allowed: use 1-64 letters, digits, '_', '-' "
-                        "or '.', starting with a letter or digit.")
+def _checked(name: str) -> str:
+    # Names become file names: the name rule and inside() keep "../x" out of the data dir.
+    return check_name(name, "Pipeline name", SpecError)
+
+
+def _spec_file(name: str, suffix: str) -> Path:
+    return inside(specs_dir(), _checked(name) + suffix)
 
 
 def _write_atomic(path: Path, text: str) -> None:

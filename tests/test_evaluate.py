@@ -18,8 +18,8 @@ from core.evalstats import summarize_run
 from core.models import SMOLLM2, model_path
 from core.schema import QAExample
 from core.store import ReadOnlyQueryError, Store
-from core.systems import System
-from jobs.evaluate import EvalSpec, EvalSpecError, preflight, select_examples
+from core.systems import BASE, System
+from jobs.evaluate import EvalSpec, EvalSpecError, JudgeSpec, preflight, select_examples
 from jobs.services import build_services
 from pipelines import indexing
 from pipelines.spec import PipelineSpec, SpecError, save_spec
@@ -76,25 +76,40 @@ def count(store: Store, table: str, run_id: str) -> int:
     ({"systems": [RAG_SYSTEM]}, "uses RAG but no pipeline is chosen"),
     ({"metrics": [{"name": "faithfulness", "criteria": ""}]}, "has no criteria"),
     ({"metrics": []}, "at least one metric"),
-    ({"repeats": 0}, "repeats must be a whole number of at least 1"),
-    ({"n_items": 0}, "n_items must be at least 1"),
-    ({"method": "vibes"}, "Unknown scoring method"),
+    ({"repeats": 0}, r"repeats: must be a whole number of at least 1 \(got 0\)"),
+    ({"n_items": 0}, r"n_items: must be a whole number of at least 1 or null \(got 0\)"),
+    ({"method": "vibes"}, r"method: must be one of logprobs, sampling \(got 'vibes'\)"),
     ({"systems": [BASE_SYSTEM, BASE_SYSTEM]}, "Two systems are the same"),
     ({"metrics": [{"name": "style", "criteria": "x", "score_min": 1, "score_max": 10}]},
      "single digits"),
     ({"decoding": {"temperature": -1}}, "temperature"),
     ({"decoding": {"beams": 4}}, "Unknown field.*decoding: beams"),
-    ({"judge": {"kind": "oracle", "model": "x"}}, "kind 'local' or 'openai'"),
+    ({"judge": {"kind": "oracle", "model": "x"}}, r"judge.kind: must be one of local, openai \(got 'oracle'\)"),
     ({"colour": "red"}, "Unknown field.*colour"),
+    ({"systems": [{**BASE_SYSTEM, "colour": "red"}]}, r"Unknown field\(s\) in systems\[0\]: colour\."),
+    ({"systems": [{**BASE_SYSTEM, "rag": "maybe"}]}, r"systems\[0\].rag: must be true or false"),
+    ({"systems": [{"kind": "cloud", "model": "x"}]}, r"systems\[0\].kind: must be one of local, openai"),
+    ({"dataset_id": None}, "Choose a dataset"),
+    ({"retry_delays": [1, -2]}, r"retry_delays\[1\]: must be a number of at least 0 \(got -2\)"),
+    ({"pipeline": "../p"}, "Pipeline name '../p' is not allowed"),
+    ({"metrics": [{"name": "my metric", "criteria": "x"}]}, "Metric name 'my metric' is not allowed"),
 ])
 def test_bad_specs_are_refused_with_a_sentence(changes, message):
     with pytest.raises(EvalSpecError, match=message):
-        EvalSpec.from_dict(spec_dict(**changes)).validate()
+        EvalSpec.from_dict(spec_dict(**changes))
+
+
+def test_stored_system_keys_and_nulls_read_as_before():
+    stored = {**RAG_SYSTEM, "label": "shown", "id": "sys-0123", "adapter": None, "base_url": None}
+    spec = EvalSpec.from_dict(spec_dict(systems=[stored, {**BASE_SYSTEM, "rag": None}], pipeline="p",
+                                        judge=None, n_items=2.0))
+    assert [(s.adapter, s.rag) for s in spec.systems] == [(BASE, True), (BASE, False)]
+    assert spec.judge == JudgeSpec() and spec.n_items == 2
 
 
 def test_spec_round_trips_through_json():
     spec = EvalSpec.from_dict(spec_dict(systems=[BASE_SYSTEM, {**RAG_SYSTEM, "label": "ignored"}],
-                                        pipeline="p", method="sampling")).validate()
+                                        pipeline="p", method="sampling"))
     again = EvalSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
     assert again == spec and again.effective_repeats == 2
     assert EvalSpec.from_dict(spec_dict()).effective_repeats == 1  # logprobs: one judgment per key

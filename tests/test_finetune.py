@@ -7,11 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import psutil
 import pytest
+from pydantic import ValidationError
 
 from core.datasets import DatasetError, load_preset
 from core.models import BASE, GenParams, ModelNotFoundError, get_hub
@@ -34,7 +34,7 @@ def tiny_spec(**overrides) -> FinetuneSpec:
                         micro_batch_size=4, grad_accum=1, max_length=256, lora_r=8, lora_alpha=16.0,
                         lr=5e-3, warmup_ratio=0.0, lr_schedule="constant", val_every=100,
                         checkpoint_every=100)
-    return replace(base, **overrides)
+    return base.replace(**overrides)
 
 
 # ---------------------------------------------------------------- spec
@@ -49,20 +49,39 @@ def test_spec_round_trips_through_json():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"lora_r": 0}, "LoRA rank r must be a whole number of at least 1"),
-    ({"lr": -1.0}, "learning rate must be a number above 0"),
+    ({"lora_r": 0}, r"lora_r: must be a whole number of at least 1 \(got 0\)"),
+    ({"lr": -1.0}, r"lr: must be a number above 0 \(got -1.0\)"),
     ({"lr": 5.0}, "absurd"),
-    ({"lora_dropout": 1.0}, "LoRA dropout must be a number at least 0 and below 1"),
-    ({"context": "web"}, "Unknown context mode 'web'"),
+    ({"lora_dropout": 1.0}, r"lora_dropout: must be a number of at least 0 and below 1 \(got 1.0\)"),
+    ({"context": "web"}, r"context: must be one of none, gold, retrieved \(got 'web'\)"),
     ({"context": "retrieved"}, "needs the name of a saved pipeline"),
-    ({"dataset": "no/such/file.jsonl"}, "neither a preset"),
-    ({"lr_schedule": "step"}, "Unknown lr schedule"),
-    ({"name": "../escape"}, "is not allowed"),
-    ({"target_modules": []}, "target_modules must be a non-empty list"),
+    ({"lr_schedule": "step"}, r"lr_schedule: must be one of cosine, linear, constant \(got 'step'\)"),
+    ({"name": "../escape"}, "Adapter name '../escape' is not allowed"),
+    ({"target_modules": []}, r"target_modules: must be a non-empty list \(got \[\]\)"),
+    ({"n_train": True}, r"n_train: must be a whole number of at least 1 \(got True\)"),
+    ({"n_train": 3.5}, r"n_train: must be a whole number of at least 1 \(got 3.5\)"),
+    ({"lora_alpha": float("nan")}, "lora_alpha: must be a number above 0"),
+    ({"base_model": " "}, "base_model: must be text that is not empty"),
 ])
-def test_validate_names_the_problem(overrides, message):
+def test_spec_names_the_problem_when_built(overrides, message):
     with pytest.raises(FinetuneError, match=message):
-        replace(FinetuneSpec(), **overrides).validate()
+        FinetuneSpec(**overrides)
+    with pytest.raises(FinetuneError, match=message):
+        FinetuneSpec().replace(**overrides)
+
+
+def test_form_floats_are_whole_numbers_and_specs_are_frozen():
+    spec = FinetuneSpec.from_dict({"n_train": 3.0, "epochs": 2.0, "lora_alpha": 16})
+    assert (spec.n_train, spec.epochs, spec.lora_alpha) == (3, 2, 16.0)
+    assert isinstance(spec.n_train, int)
+    with pytest.raises(ValidationError, match="frozen"):
+        spec.n_train = 5  # a spec is checked once, when built: it cannot change afterwards
+
+
+def test_missing_dataset_file_is_refused_when_training_not_when_read_back():
+    spec = FinetuneSpec(dataset="no/such/file.jsonl")  # a stored spec.json must still load
+    with pytest.raises(FinetuneError, match="neither a preset"):
+        spec.check_runnable()
 
 
 def test_unknown_spec_field_is_refused():
@@ -73,7 +92,7 @@ def test_unknown_spec_field_is_refused():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU-only message")
 def test_qlora_without_cuda_says_why():
     with pytest.raises(FinetuneError, match="QLoRA needs a CUDA GPU"):
-        replace(FinetuneSpec(), qlora=True).validate()
+        FinetuneSpec(qlora=True).check_runnable()
 
 
 def test_finetune_argv_runs_the_module():
@@ -110,7 +129,7 @@ def test_sample_comes_from_the_train_split_only():
     assert not set(used) & {ex.id for ex in eval_split}
     assert all(split_of(i, spec.split_seed, spec.eval_fraction) == "train" for i in used)
     # Smaller samples are prefixes of larger ones with the same seed (nested study sizes).
-    smaller = draw_sample(replace(spec, n_train=10), dataset)
+    smaller = draw_sample(spec.replace(n_train=10), dataset)
     assert [ex.id for ex in smaller.train] == [ex.id for ex in sample.train[:10]]
 
 
@@ -241,7 +260,7 @@ def test_existing_adapter_is_refused_without_resume_and_kept_with_it(trained):
         train(spec)
     assert train(spec, resume=True) == trained  # finished: resuming returns the stored result
     with pytest.raises(FinetuneError, match="differs from the one it was started with in lr"):
-        train(replace(spec, lr=1e-3), resume=True)
+        train(spec.replace(lr=1e-3), resume=True)
 
 
 @pytest.mark.integration

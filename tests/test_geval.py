@@ -70,7 +70,8 @@ def test_parser_uses_the_metric_range():
 
 
 @pytest.mark.parametrize("metric, message", [
-    ({"name": "", "criteria": "x"}, "needs a name"),
+    ({"name": "", "criteria": "x"}, "Metric name '' is not allowed"),
+    ({"name": "../x", "criteria": "x"}, r"Metric name '../x' is not allowed: use 1-64 letters"),
     ({"name": "faithful", "criteria": "  "}, "has no criteria"),
     ({"name": "faithful", "criteria": "x", "score_min": 5, "score_max": 1}, "below the highest"),
     ({"name": "faithful", "criteria": "x", "score_min": 1, "score_max": 20}, "at most 10 score values"),
@@ -89,6 +90,7 @@ def test_builtins_user_metrics_and_builtin_steps():
     own = metric_from({"name": "faithfulness", "criteria": "Is every claim in the retrieved context?",
                        "uses_context": True})
     assert own.label == "Faithfulness" and own.steps is None and own.scores == [1, 2, 3, 4, 5]
+    assert Metric("context_faithfulness", "x").label == "Context faithfulness"  # derived for the form
     given = metric_from({"name": "accuracy", "steps": STEPS})
     assert given.criteria == ACCURACY.criteria and given.steps == STEPS
     assert given.criteria_hash == ACCURACY.criteria_hash  # steps are not part of the cache key

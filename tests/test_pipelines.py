@@ -59,7 +59,8 @@ def ids(documents) -> list[tuple[str, str]]:
 
 
 def test_spec_round_trips_through_json():
-    spec = PipelineSpec(name="round-trip", splitter=SplitterSpec("sentence", 4, 1), retriever="bm25",
+    spec = PipelineSpec(name="round-trip", splitter=SplitterSpec(split_by="sentence", split_length=4,
+                                                                 split_overlap=1), retriever="bm25",
                         top_k=5, generator=GeneratorSpec(kind="openai", model="gpt-x",
                                                          base_url="http://127.0.0.1:8000/v1"))
     again = PipelineSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
@@ -67,17 +68,21 @@ def test_spec_round_trips_through_json():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"retriever": "tf-idf"}, "Unknown retriever 'tf-idf'"),
-    ({"top_k": 0}, "top_k must be a whole number from 1"),
+    ({"retriever": "tf-idf"}, r"retriever: must be one of bm25, embedding, hybrid \(got 'tf-idf'\)"),
+    ({"top_k": 0}, r"top_k: must be a whole number from 1 to 100 \(got 0\)"),
+    ({"top_k": True}, r"top_k: must be a whole number from 1 to 100 \(got True\)"),
     ({"splitter": {"split_by": "word", "split_length": 50, "split_overlap": 50}}, "split overlap"),
-    ({"splitter": {"split_by": "chapter"}}, "Unknown split unit"),
-    ({"name": "../escape"}, "is not allowed"),
-    ({"colour": "red"}, "Unknown field"),
+    ({"splitter": {"split_by": "chapter"}}, r"splitter.split_by: must be one of word, sentence, passage"),
+    ({"splitter": {"split_length": 50, "chunks": 2}}, r"Unknown field\(s\) in splitter: chunks\."),
+    ({"name": "../escape"}, "Pipeline name '../escape' is not allowed"),
+    ({"colour": "red"}, r"Unknown field\(s\) in the pipeline spec: colour\."),
     ({"prompt_template": '{% message role="user" %}Context only{% endmessage %}'}, "never uses"),
     ({"prompt_template": '{% message role="user" %}{{ question }{% endmessage %}'}, "does not render"),
     ({"prompt_template": "Plain text {{ question }}"}, "does not render"),
     ({"prompt_template": '{% message role="user" %}{{ question }} {{ lang }}{% endmessage %}'}, "uses lang"),
-    ({"generator": {"kind": "cloud"}}, "Unknown generator kind"),
+    ({"generator": {"kind": "cloud"}}, r"generator.kind: must be one of local, openai \(got 'cloud'\)"),
+    ({"generator": {"temperature": 3}}, r"generator.temperature: must be a number from 0 to 2 \(got 3\)"),
+    ({"generator": {"base_url": "ftp://x"}}, "must start with http:// or https://"),
 ])
 def test_bad_spec_raises_a_clear_value_error(change, message):
     data = {**PipelineSpec(name="bad").to_dict(), **change}

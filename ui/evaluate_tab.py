@@ -132,7 +132,7 @@ def build(services: Services) -> None:
             metrics=metric_list, n_items=int(n) if n else None, seed=int(sd or 0),
             pipeline=pipe or None, repeats=int(reps or 1), method=meth, samples=int(samp or 1),
             reasoning=bool(reason), decoding={"max_new_tokens": int(max_tokens or 48)})
-        job_id = services.evaluations.start(spec.validate())
+        job_id = services.evaluations.start(spec)
         return (f"Started run `{job_id}`: {len(picked)} systems × {len(metric_list)} metrics.",
                 gr.update(choices=runs_choices(services), value=job_id))
 

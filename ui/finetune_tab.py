@@ -13,6 +13,9 @@ FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lo
         "lora_alpha", "lora_dropout", "target_modules", "qlora", "epochs", "lr", "lr_schedule",
         "warmup_ratio", "micro_batch_size", "grad_accum", "max_length", "seed", "val_size",
         "val_every", "checkpoint_every", "name"]
+NUMBERS = ["n_train", "lora_r", "lora_alpha", "lora_dropout", "epochs", "lr", "warmup_ratio",
+           "micro_batch_size", "grad_accum", "max_length", "seed", "val_size", "val_every",
+           "checkpoint_every"]
 ADAPTER_COLUMNS = ["name", "base_model", "n_train", "context", "final_train_loss",
                    "final_val_loss", "steps", "tokens/s", "wall", "created"]
 
@@ -25,15 +28,9 @@ def form_values(spec: FinetuneSpec) -> list:
 
 def spec_from_form(values) -> FinetuneSpec:
     d = dict(zip(FORM, values))
-    d["target_modules"] = [m.strip() for m in (d["target_modules"] or "").split(",") if m.strip()]
-    for key in ("n_train", "lora_r", "epochs", "micro_batch_size", "grad_accum", "max_length",
-                "seed", "val_size", "val_every", "checkpoint_every"):
-        d[key] = int(d[key] or 0)
-    for key in ("lora_alpha", "lora_dropout", "lr", "warmup_ratio"):
-        d[key] = float(d[key] or 0)
-    spec = FinetuneSpec.from_dict(d)
-    spec.validate()
-    return spec
+    for key in NUMBERS:
+        d[key] = d[key] or 0  # an emptied number box reads as 0; the spec says what it must be
+    return FinetuneSpec.from_dict(d).check_runnable()
 
 
 def adapters_table(services: Services) -> pd.DataFrame:

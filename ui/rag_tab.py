@@ -69,7 +69,8 @@ def build(services: Services) -> None:
 
     def make_spec(n, sb, sl, so, emb, ret, k, rk, tpl) -> pspec.PipelineSpec:
         return pspec.PipelineSpec(
-            name=(n or "").strip(), splitter=pspec.SplitterSpec(sb, int(sl or 0), int(so or 0)),
+            name=(n or "").strip(),
+            splitter=pspec.SplitterSpec(split_by=sb, split_length=sl or 0, split_overlap=so or 0),
             embedder=(emb or "").strip() or config.DEFAULT_EMBEDDER, retriever=ret, top_k=int(k),
             ranker=(rk or "").strip() or None, prompt_template=tpl)
 

@@ -7,13 +7,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from core.geval import METHODS
+from core.spec_cli import add_spec_arguments, spec_overrides
 from core.store import StoreLockedError
 from core.systems import BASE
 from jobs.evaluate.spec import EvalSpec, EvalSpecError
 
 if TYPE_CHECKING:
     from jobs.services import Services
+
 
 def _cli_system(value: str) -> dict[str, Any]:
     """JSON ({"kind": "openai", "model": ..., "base_url": ..., "rag": true}) or MODEL[:ADAPTER][:rag]."""
@@ -40,32 +41,20 @@ def _parser() -> argparse.ArgumentParser:
                     "Evaluate tab). Needs the database to itself: stop the app first.")
     p.add_argument("--spec-json", help="the whole spec as JSON, or @FILE; other options override it")
     p.add_argument("--resume", metavar="RUN_ID", help="continue a stopped run (its job id)")
-    p.add_argument("--dataset", dest="dataset_id", help="dataset id, e.g. sample:bioasq")
+    # Parsed here (the spec cannot be a flag per field), but like the generated flags: given or absent.
     p.add_argument("--system", dest="systems", action="append", type=_cli_system,
+                   default=argparse.SUPPRESS,
                    help="MODEL[:ADAPTER][:rag] or a JSON system; repeat for each system")
-    p.add_argument("--pipeline", help="saved RAG pipeline name (needed by :rag systems)")
     p.add_argument("--metric", dest="metrics", action="append", type=_cli_metric,
+                   default=argparse.SUPPRESS,
                    help="accuracy | completeness | JSON {name, criteria, steps?, score_min?, "
                         "score_max?, uses_context?}; repeat for each")
-    p.add_argument("--judge-kind", choices=("local", "openai"))
-    p.add_argument("--judge-model")
-    p.add_argument("--judge-base-url", help="OpenAI-compatible base URL ending in /v1 "
-                                            "(key from OPENAI_API_KEY)")
-    p.add_argument("--judge-adapter")
-    p.add_argument("--n-items", type=int, help="a seeded sample of this many eval items (default all)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--repeats", type=int, help="judgments per answer and metric (sampling)")
-    p.add_argument("--method", choices=METHODS)
-    p.add_argument("--samples", type=int, help="samples per judgment with sampling")
-    p.add_argument("--reasoning", action="store_true", default=None,
-                   help="the judge reasons first, then the score slot is read")
-    p.add_argument("--max-new-tokens", type=int, help="answer length limit")
-    p.add_argument("--temperature", type=float, help="answer temperature (0 = greedy)")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--name", help="a name for the run")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--retry-delays", type=lambda v: [float(x) for x in v.split(",") if x],
-                   help="seconds between retries of a failing endpoint, e.g. 1,2,4")
+    add_spec_arguments(p, EvalSpec, exclude=("systems", "metrics", "decoding"),
+                       aliases={"dataset_id": "--dataset"})
+    decoding = p.add_argument_group("answer decoding (the spec's decoding)")
+    decoding.add_argument("--max-new-tokens", type=int, help="answer length limit")
+    decoding.add_argument("--temperature", type=float, help="answer temperature (0 = greedy)")
+    decoding.add_argument("--top-p", type=float)
     return p
 
 
@@ -79,21 +68,15 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise EvalSpecError(f"--spec-json is not valid JSON ({exc.msg}).") from exc
-    for key in ("dataset_id", "systems", "pipeline", "metrics", "n_items", "seed", "repeats",
-                "method", "samples", "reasoning", "name", "batch_size", "retry_delays"):
-        if getattr(args, key) is not None:
-            data[key] = getattr(args, key)
-    judge = dict(data.get("judge") or {})
-    for key in ("kind", "model", "base_url", "adapter"):
-        if getattr(args, f"judge_{key}") is not None:
-            judge[key] = getattr(args, f"judge_{key}")
-    data["judge"] = judge
+        if not isinstance(data, dict):
+            raise EvalSpecError("--spec-json must hold a JSON object.")
+    data = spec_overrides(args, EvalSpec, data)
     decoding = dict(data.get("decoding") or {})
     for key in ("max_new_tokens", "temperature", "top_p"):
         if getattr(args, key) is not None:
             decoding[key] = getattr(args, key)
     data["decoding"] = decoding
-    return EvalSpec.from_dict(data).validate()
+    return EvalSpec.from_dict(data)
 
 
 def main(argv: list[str] | None = None) -> int:

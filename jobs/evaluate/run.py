@@ -104,9 +104,8 @@ class Plan:
 
 
 def preflight(res: EvalResources, spec: EvalSpec) -> Plan:
-    """Every check a user can fix, before any model runs: spec, dataset, pipelines, adapters, and
-    that no adapter was trained on an item this run would judge."""
-    spec.validate()
+    """Every check a user can fix, before any model runs (the spec checked itself when built):
+    dataset, pipelines, adapters, and that no adapter was trained on an item this run would judge."""
     plan = Plan(select_examples(res, spec), [s.with_pipeline(spec.pipeline) for s in spec.systems])
     for name in dict.fromkeys(s.pipeline for s in plan.systems if s.rag):
         plan.pipelines[name] = (load_spec(name), res.index(name))

@@ -1,72 +1,111 @@
-"""The evaluation spec: what a batch G-Eval run answers and judges, checked before it starts."""
+"""The evaluation spec: what a batch G-Eval run answers and judges, checked when it is built."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from core import config
-from core.geval import DEFAULT_SAMPLES, METHODS, STEPS_MAX_NEW_TOKENS, Metric, MetricError, metric_from
+from core.geval import DEFAULT_SAMPLES, STEPS_MAX_NEW_TOKENS, Method, Metric, metric_from
 from core.models import GenParams
-from core.schema import InputError, is_int, unknown_fields
+from core.schema import InputError, unknown_fields
+from core.specs import Number, Spec, Text, WholeNumber, name_of
 from core.systems import BASE, System
 
 KIND = "evaluate"
 REPEATS_NOTE = ("logprobs judgments are deterministic (one forward pass at the score slot, greedy "
                 "reasoning), so each (item, system, metric) is judged once, as repeat 0; repeats "
                 "apply to sampling")
+DERIVED_SYSTEM_KEYS = ("label", "id")  # stored runs carry them; they are derived, never input
 
 
 class EvalSpecError(InputError):
     """An evaluation request that cannot run; the message says what to change."""
 
 
-# ---------------------------------------------------------------- the spec
+def _system_input(value: Any) -> Any:
+    """A stored or typed system dict, as System's fields: derived keys dropped, and a null adapter
+    or rag read as the default (the base model, no RAG), as System itself does."""
+    if not isinstance(value, dict):
+        return value
+    return {k: v for k, v in value.items()
+            if k not in DERIVED_SYSTEM_KEYS and not (k in ("adapter", "rag") and v is None)}
 
 
-@dataclass
-class JudgeSpec:
-    kind: str = "local"  # local (ModelHub) | openai (any OpenAI-compatible endpoint)
-    model: str = config.DEFAULT_CHAT_MODEL
-    base_url: str | None = None
-    adapter: str = BASE
+def _none_is_default(default: Any) -> BeforeValidator:
+    return BeforeValidator(lambda value: default() if value is None else value)
 
 
-@dataclass
-class EvalSpec:
-    dataset_id: str
-    systems: list[System]
-    judge: JudgeSpec = field(default_factory=JudgeSpec)
-    metrics: list[str | dict[str, Any]] = field(default_factory=lambda: ["accuracy", "completeness"])
-    n_items: int | None = None  # None: every eval example; else a seeded sample of that many
-    seed: int = 0
-    pipeline: str | None = None  # the saved RAG pipeline the RAG systems use
-    repeats: int = 10
-    method: str = "logprobs"
-    samples: int = DEFAULT_SAMPLES
-    reasoning: bool = False
-    decoding: dict[str, Any] = field(default_factory=dict)  # GenParams fields for the answers
-    name: str = ""
-    batch_size: int = 8  # items per answer batch and per judgment batch
-    retry_delays: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    steps_max_new_tokens: int = STEPS_MAX_NEW_TOKENS
+class JudgeSpec(Spec):
+    noun = "judge"
+    error = EvalSpecError
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    kind: Literal["local", "openai"] = Field(
+        "local", description="local (ModelHub) or openai (any OpenAI-compatible endpoint)")
+    model: Text = Field(config.DEFAULT_CHAT_MODEL, description="the judge model")
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL ending in /v1 "
+                                 "(key from OPENAI_API_KEY)")
+    adapter: str | None = Field(BASE, description="LoRA adapter of a local judge")
 
+
+class EvalSpec(Spec):
+    noun = "evaluation spec"
+    error = EvalSpecError
+
+    dataset_id: Annotated[str, _none_is_default(str)] = Field(
+        "", description="dataset id, e.g. sample:bioasq")
+    systems: list[Annotated[System, BeforeValidator(_system_input)]] = Field(
+        default_factory=list, description="the systems that answer")
+    judge: Annotated[JudgeSpec, _none_is_default(JudgeSpec)] = Field(
+        default_factory=JudgeSpec, description="the G-Eval judge")
+    metrics: list[str | dict[str, Any]] = Field(
+        default_factory=lambda: ["accuracy", "completeness"],
+        description="built-in metric names or {name, criteria, steps?, score_min?, score_max?, "
+        "uses_context?}")
+    n_items: WholeNumber | None = Field(None, ge=1, description="how many eval items to sample "
+                                        "(seeded; none: every eval item)")
+    seed: WholeNumber = Field(0, description="seed of the item sample")
+    pipeline: name_of("Pipeline name", blank_ok=True) = Field(
+        None, description="saved RAG pipeline the RAG systems retrieve with")
+    repeats: WholeNumber = Field(10, ge=1, description="judgments per answer and metric (sampling)")
+    method: Method = Field("logprobs", description="how the score is read: logprobs (the "
+                           "probability-weighted score at the slot) or sampling")
+    samples: WholeNumber = Field(DEFAULT_SAMPLES, ge=1, description="samples per judgment with sampling")
+    reasoning: bool = Field(False, description="the judge reasons first, then the score slot is read")
+    decoding: dict[str, Any] = Field(default_factory=dict,
+                                     description="GenParams fields for the answers")
+    name: str = Field("", description="a name for the run (shown in lists; runs are keyed by id)")
+    batch_size: WholeNumber = Field(8, ge=1, description="items per answer batch and judgment batch")
+    retry_delays: list[Annotated[Number, Field(ge=0)]] = Field(
+        default_factory=lambda: [1.0, 2.0, 4.0],
+        description="seconds between retries of a failing endpoint")
+    steps_max_new_tokens: WholeNumber = Field(STEPS_MAX_NEW_TOKENS, ge=1,
+                                              description="length limit of generated evaluation steps")
+
+    @field_validator("dataset_id")
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EvalSpec":
-        if not isinstance(data, dict):
-            raise EvalSpecError("An evaluation spec is a JSON object.")
-        _check_keys(cls, data, "evaluation spec")
-        systems = [_system(s) for s in data.get("systems") or []]  # none: validate() says so
-        judge = data.get("judge") or {}
-        if not isinstance(judge, (dict, JudgeSpec)):
-            raise EvalSpecError("judge must be an object with kind, model and base_url.")
-        if isinstance(judge, dict):
-            _check_keys(JudgeSpec, judge, "judge")
-            judge = JudgeSpec(**judge)
-        return cls(**{**data, "dataset_id": data.get("dataset_id") or "", "systems": systems,
-                      "judge": judge})
+    def _dataset_chosen(cls, dataset_id: str) -> str:
+        if not dataset_id.strip():
+            raise EvalSpecError("Choose a dataset to evaluate on.")
+        return dataset_id
+
+    @field_validator("decoding")
+    @classmethod
+    def _decoding(cls, decoding: dict[str, Any]) -> dict[str, Any]:
+        unknown = unknown_fields(GenParams, decoding)
+        if unknown:
+            raise EvalSpecError(f"Unknown field(s) in the decoding: {', '.join(unknown)}.")
+        try:
+            GenParams(**decoding)
+        except (TypeError, ValueError) as exc:
+            raise EvalSpecError(f"Decoding: {exc}") from exc
+        return decoding
+
+    @model_validator(mode="after")
+    def _runnable(self) -> "EvalSpec":
+        self._check_systems()
+        self._check_metrics()
+        return self
 
     @property
     def effective_repeats(self) -> int:
@@ -78,33 +117,7 @@ class EvalSpec:
     def gen_params(self) -> GenParams:
         return GenParams(**self.decoding)
 
-    def validate(self) -> "EvalSpec":
-        if not (self.dataset_id or "").strip():
-            raise EvalSpecError("Choose a dataset to evaluate on.")
-        self._validate_systems()
-        self._validate_metrics()
-        for name, value, low in (("repeats", self.repeats, 1), ("samples", self.samples, 1),
-                                 ("batch_size", self.batch_size, 1),
-                                 ("steps_max_new_tokens", self.steps_max_new_tokens, 1)):
-            if not is_int(value) or value < low:
-                raise EvalSpecError(f"{name} must be a whole number of at least {low} (got {value!r}).")
-        if self.n_items is not None and (not is_int(self.n_items) or self.n_items < 1):
-            raise EvalSpecError(f"n_items must be at least 1, or empty for every eval item "
-                                f"(got {self.n_items!r}).")
-        if self.method not in METHODS:
-            raise EvalSpecError(f"Unknown scoring method '{self.method}': use logprobs or sampling.")
-        if self.judge.kind not in ("local", "openai") or not (self.judge.model or "").strip():
-            raise EvalSpecError("The judge needs kind 'local' or 'openai' and a model name.")
-        if not all(isinstance(d, (int, float)) and d >= 0 for d in self.retry_delays):
-            raise EvalSpecError("retry_delays must be a list of seconds (0 or more).")
-        _check_keys(GenParams, self.decoding, "decoding")
-        try:
-            self.gen_params()
-        except (TypeError, ValueError) as exc:
-            raise EvalSpecError(f"Decoding: {exc}") from exc
-        return self
-
-    def _validate_systems(self) -> None:
+    def _check_systems(self) -> None:
         if not self.systems:
             raise EvalSpecError("Choose at least one system to evaluate.")
         ids = [s.with_pipeline(self.pipeline).id for s in self.systems]
@@ -113,19 +126,16 @@ class EvalSpec:
             raise EvalSpecError(f"Two systems are the same ({', '.join(twice)}): each system must "
                                 "differ in model, adapter or RAG.")
         for system in self.systems:
-            if system.kind not in ("local", "openai") or not (system.model or "").strip():
-                raise EvalSpecError(f"System '{system.label}' needs kind 'local' or 'openai' and a model.")
+            if not system.model:
+                raise EvalSpecError(f"System '{system.label}' needs a model.")
             if system.rag and not (self.pipeline or "").strip():
                 raise EvalSpecError(f"System '{system.label}' uses RAG but no pipeline is chosen: "
                                     "pick a saved pipeline (RAG tab) or turn RAG off.")
 
-    def _validate_metrics(self) -> None:
+    def _check_metrics(self) -> None:
         if not self.metrics:
             raise EvalSpecError("Choose at least one metric (accuracy, completeness, or your own).")
-        try:
-            metrics = self.metric_list()
-        except MetricError as exc:
-            raise EvalSpecError(str(exc)) from exc
+        metrics = self.metric_list()  # a MetricError's sentence reaches the user as is
         names = [m.name for m in metrics]
         if len(set(names)) != len(names):
             raise EvalSpecError(f"A metric is listed twice ({', '.join(names)}).")
@@ -134,21 +144,3 @@ class EvalSpec:
             if wide:
                 raise EvalSpecError(f"Metric(s) {', '.join(wide)}: logprobs read one token, so "
                                     "scores must be single digits (0-9); use sampling for a wider scale.")
-
-
-def _check_keys(cls: type, data: dict[str, Any], what: str) -> None:
-    unknown = unknown_fields(cls, data)
-    if unknown:
-        raise EvalSpecError(f"Unknown field(s) in the {what}: {', '.join(unknown)}.")
-
-
-def _system(value: System | dict[str, Any]) -> System:
-    if isinstance(value, System):
-        return value
-    if not isinstance(value, dict):
-        raise EvalSpecError(f"A system is an object with kind, model, adapter, rag, base_url; got {value!r}.")
-    data = {k: v for k, v in value.items() if k != "label"}  # labels are derived, not input
-    _check_keys(System, data, "system")
-    return System(**data)
-
-
