@@ -14,10 +14,11 @@ from typing import Any
 
 from core.schema import InputError
 
-NAME_RULE = "use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+NAME_RULE = "use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
 # ASCII only, first character alphanumeric: no hidden files, no "..", no "__base__" (peft's name
-# for the plain base model), nothing a shell or a URL would have to quote.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# for the plain base model), nothing a shell or a URL would have to quote. No "." either: an
+# adapter name is a key of torch ModuleDicts inside peft, which refuse dots.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _SHOWN = 40  # characters of a refused value quoted back in the message
 
 

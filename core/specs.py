@@ -19,8 +19,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import types
-import typing
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Self, Union, get_args, get_origin, get_type_hints
 
 import annotated_types
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Strict,
@@ -94,7 +93,7 @@ class Spec(BaseModel):
             _depth.reset(token)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Spec":
+    def from_dict(cls, data: Any) -> Self:
         """From JSON (a request, a stored row, a spec.json file)."""
         if not isinstance(data, dict):
             raise cls.error(f"The {cls.noun} must be a JSON object, not {type(data).__name__}.")
@@ -104,7 +103,7 @@ class Spec(BaseModel):
         """Plain JSON values, the same keys from_dict reads."""
         return self.model_dump(mode="json")
 
-    def replace(self, **changes: Any) -> "Spec":
+    def replace(self, **changes: Any) -> Self:
         """A checked copy with some fields changed (the spec itself is frozen)."""
         return type(self)(**{**dict(self), **changes})
 
@@ -128,8 +127,8 @@ def user_message(err: ValidationError, spec: type[Spec]) -> str:
     error = (problem.get("ctx") or {}).get("error")
     if problem["type"] == "value_error" and isinstance(error, Exception):
         return str(error)  # a validator's own sentence
-    annotation, metadata = _field_at(spec, problem["loc"])
-    return (f"{_path(spec, problem['loc']) or spec.noun}: must be {expectation(annotation, metadata)} "
+    annotation, metadata, shown = _walk(spec, problem["loc"])
+    return (f"{''.join(shown) or spec.noun}: must be {expectation(annotation, metadata)} "
             f"(got {_shown(problem['input'])}).")
 
 
@@ -198,13 +197,13 @@ def _fields_of(annotation: Any) -> dict[str, tuple[Any, list[Any]]]:
         return {name: (info.annotation, list(info.metadata))
                 for name, info in annotation.model_fields.items()}
     if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
-        return {name: (hint, []) for name, hint in typing.get_type_hints(annotation).items()}
+        return {name: (hint, []) for name, hint in get_type_hints(annotation).items()}
     return {}
 
 
 def _walk(spec: type[Spec], loc: tuple[Any, ...]) -> tuple[Any, list[Any], list[str]]:
-    """Follow an error location through fields, list items and unions: (annotation, metadata,
-    the location's parts a person reads, union member tags left out)."""
+    """Follow an error location through fields and list items: (annotation, metadata, the parts
+    of the location a person reads: "judge", ".model" or "[0]"; union member tags left out)."""
     annotation, metadata, shown = spec, [], []
     for part in loc:
         annotation, metadata, _ = plain_type(annotation, metadata)
@@ -218,11 +217,6 @@ def _walk(spec: type[Spec], loc: tuple[Any, ...]) -> tuple[Any, list[Any], list[
             shown.append(("." if shown else "") + str(part))
             annotation, metadata = _fields_of(annotation).get(str(part), (Any, []))
     return annotation, metadata, shown
-
-
-def _field_at(spec: type[Spec], loc: tuple[Any, ...]) -> tuple[Any, list[Any]]:
-    annotation, metadata, _ = _walk(spec, loc)
-    return annotation, metadata
 
 
 def _path(spec: type[Spec], loc: tuple[Any, ...]) -> str:
