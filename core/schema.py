@@ -68,5 +68,5 @@ def validate_question(question: str | None, max_chars: int) -> str:
 
 
 def unknown_fields(cls: type, data: dict[str, Any]) -> list[str]:
-    """Keys of `data` that the dataclass `cls` does not have (specs refuse them by name)."""
+    """Keys of `data` that the dataclass `cls` does not have (refused by name, e.g. decoding keys)."""
     return sorted(set(data) - {f.name for f in fields(cls)})
