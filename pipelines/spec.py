@@ -11,7 +11,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BeforeValidator, Field, field_validator, model_validator
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 SplitBy = Literal["word", "sentence", "passage"]
 RetrieverKind = Literal["bm25", "embedding", "hybrid"]
 GeneratorKind = Literal["local", "openai"]
+SPLIT_BY = get_args(SplitBy)  # the choices the RAG tab offers
+RETRIEVERS = get_args(RetrieverKind)
 
 MAX_TOP_K = 100
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
