@@ -68,6 +68,14 @@ def name_of(what: str, blank_ok: bool = False) -> Any:
     return Annotated[str | None if blank_ok else str, AfterValidator(check)]
 
 
+# The names specs carry (module-level, so annotations stay plain names that tools can read).
+PipelineName = name_of("Pipeline name")
+PipelineRef = name_of("Pipeline name", blank_ok=True)
+"""A saved pipeline a spec uses, or ""/None for none."""
+AdapterNameOrDerived = name_of("Adapter name", blank_ok=True)
+"""An adapter name, or "" to derive one from the spec."""
+
+
 class Spec(BaseModel):
     """Base of the specs: extra keys refused, frozen, checked on construction.
 

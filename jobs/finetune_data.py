@@ -31,7 +31,7 @@ from core.dataset_presets import PRESETS
 from core.names import check_name
 from core.schema import InputError, Passage, QAExample
 from core.spec_cli import add_spec_arguments, spec_overrides
-from core.specs import CommaList, Number, Spec, Text, WholeNumber, name_of
+from core.specs import AdapterNameOrDerived, CommaList, Number, PipelineRef, Spec, Text, WholeNumber
 
 IGNORE = -100  # label value that cross-entropy skips (prompt and padding positions)
 MAX_SANE_LR = 1e-2
@@ -57,7 +57,7 @@ class FinetuneSpec(Spec):
     context: Literal["none", "gold", "retrieved"] = Field(
         "none", description="what training prompts carry: none | gold (gold passages) | retrieved "
         "(by --pipeline)")
-    pipeline: name_of("Pipeline name", blank_ok=True) = Field(
+    pipeline: PipelineRef = Field(
         "", description="saved pipeline whose prompt template (and, for 'retrieved', retriever) is used")
     lora_r: WholeNumber = Field(16, ge=1, description="LoRA rank")
     lora_alpha: Number = Field(32.0, gt=0, description="LoRA alpha")
@@ -85,7 +85,7 @@ class FinetuneSpec(Spec):
     val_every: WholeNumber = Field(25, ge=1, description="optimizer steps between validation losses "
                                    "(also at the end)")
     checkpoint_every: WholeNumber = Field(25, ge=1, description="optimizer steps between checkpoints")
-    name: name_of("Adapter name", blank_ok=True) = Field(
+    name: AdapterNameOrDerived = Field(
         "", description="adapter folder name (default: derived from the spec)")
 
     @field_validator("lr")

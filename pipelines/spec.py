@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, field_validator, mo
 from core import config
 from core.names import check_name, inside
 from core.schema import InputError
-from core.specs import Number, Spec, Text, WholeNumber, name_of
+from core.specs import Number, PipelineName, Spec, Text, WholeNumber
 
 if TYPE_CHECKING:
     from core.store import Store
@@ -113,7 +113,7 @@ class PipelineSpec(Spec):
     noun = "pipeline spec"
     error = SpecError
 
-    name: name_of("Pipeline name") = Field(description="the pipeline's name (its files and index "
+    name: PipelineName = Field(description="the pipeline's name (its files and index "
                                            "are named after it)")
     splitter: SplitterSpec = Field(default_factory=SplitterSpec, description="how passages are chunked")
     embedder: Text = Field(config.DEFAULT_EMBEDDER, description="embedding model: alias, local folder "

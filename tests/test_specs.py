@@ -24,6 +24,8 @@ from jobs.finetune_data import spec_from_args as finetune_spec_from_args
 from pipelines.spec import PipelineSpec, SpecError
 
 REPO = Path(__file__).resolve().parent.parent
+DemoName = name_of("Demo name")
+OptionalDemoName = name_of("Demo name", blank_ok=True)
 RULE = "use 1-64 letters, digits, '_' or '-', starting with a letter or digit."
 
 
@@ -99,7 +101,7 @@ class Demo(Spec):
     flag: bool = Field(False, description="a switch")
     tags: CommaList = Field(["x"], min_length=1, description="tags")
     delays: list[Number] = Field([1.0], description="seconds")
-    label: name_of("Demo name", blank_ok=True) = Field("", description="a name")
+    label: OptionalDemoName = Field("", description="a name")
     inner: Inner = Field(default_factory=Inner, description="nested")
 
     @model_validator(mode="after")
@@ -142,7 +144,7 @@ def test_missing_field_and_non_object_input():
     class Named(Spec):
         noun = "named spec"
         error = DemoError
-        name: name_of("Demo name")
+        name: DemoName
 
     with pytest.raises(DemoError, match=r"^Missing field\(s\) in the named spec: name\.$"):
         Named.from_dict({})

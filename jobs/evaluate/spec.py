@@ -9,7 +9,7 @@ from core import config
 from core.geval import DEFAULT_SAMPLES, STEPS_MAX_NEW_TOKENS, Method, Metric, metric_from
 from core.models import GenParams
 from core.schema import InputError, unknown_fields
-from core.specs import Number, Spec, Text, WholeNumber, name_of
+from core.specs import Number, PipelineRef, Spec, Text, WholeNumber
 from core.systems import BASE, System
 
 KIND = "evaluate"
@@ -65,7 +65,7 @@ class EvalSpec(Spec):
     n_items: WholeNumber | None = Field(None, ge=1, description="how many eval items to sample "
                                         "(seeded; none: every eval item)")
     seed: WholeNumber = Field(0, description="seed of the item sample")
-    pipeline: name_of("Pipeline name", blank_ok=True) = Field(
+    pipeline: PipelineRef = Field(
         None, description="saved RAG pipeline the RAG systems retrieve with")
     repeats: WholeNumber = Field(10, ge=1, description="judgments per answer and metric (sampling)")
     method: Method = Field("logprobs", description="how the score is read: logprobs (the "
