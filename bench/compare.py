@@ -15,8 +15,10 @@ from pathlib import Path
 
 from bench.generate import make_adapters, timed_rounds
 from core.datasets import load_preset
-from core.models import BASE, GenParams, get_hub, SMOLLM2
-from core.systems import System
+from core.generation import GenParams
+from core.model_files import SMOLLM2
+from core.models import get_hub
+from core.systems import BASE, System
 from pipelines.compare import compare
 from pipelines.indexing import build_index
 from pipelines.spec import PipelineSpec

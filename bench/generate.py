@@ -23,7 +23,10 @@ from pathlib import Path
 import psutil
 import torch
 
-from core.models import BASE, SMOLLM2, GenParams, ModelHub, model_path
+from core.generation import GenParams
+from core.model_files import SMOLLM2, model_path
+from core.models import ModelHub
+from core.systems import BASE
 
 K = 4
 # Different lengths on purpose (left padding), and answers long enough to use all new tokens.

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from core.geval import ACCURACY, FormInput, LocalJudge, judge_batch
-from core.models import SMOLLM2, get_hub
+from core.model_files import SMOLLM2
+from core.models import get_hub
 
 
 def _timed(fn):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 SAMPLES_DIR = REPO_DIR / "data" / "samples"
@@ -14,6 +15,37 @@ MAX_QUESTION_CHARS = int(os.environ.get("MAX_QUESTION_CHARS", "4000"))
 
 DEFAULT_CHAT_MODEL = os.environ.get("DEFAULT_CHAT_MODEL", "smollm2-135m-instruct")
 DEFAULT_EMBEDDER = os.environ.get("DEFAULT_EMBEDDER", "all-minilm-l6-v2")
+
+
+def public_mode(env: Mapping[str, str] = os.environ) -> bool:
+    """PUBLIC_MODE=1/0; unset, public inside a Space (SPACE_ID is set there), private elsewhere."""
+    value = env.get("PUBLIC_MODE", "").strip().lower()
+    if not value:
+        return bool(env.get("SPACE_ID"))
+    if value not in ("1", "0", "true", "false"):
+        raise ValueError(f"PUBLIC_MODE must be 1 or 0 (or true/false), not '{env['PUBLIC_MODE']}'.")
+    return value in ("1", "true")
+
+
+def max_loaded_models(env: Mapping[str, str] = os.environ) -> int:
+    """MAX_LOADED_MODELS, default 2: two 135M-1.5B float32 models fit a 16 GB Space beside the
+    embedder."""
+    value = env.get("MAX_LOADED_MODELS", "").strip() or "2"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MAX_LOADED_MODELS must be a whole number of at least 1, not '{value}'.")
+    return int(value)
+
+
+def allowed_models(env: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """ALLOWED_MODELS: comma-separated model refs a visitor may load in public mode, besides the
+    embedded aliases."""
+    return tuple(dict.fromkeys(r.strip() for r in env.get("ALLOWED_MODELS", "").split(",") if r.strip()))
+
+
+# On a shared server anyone can name a model: only allowed refs load, and at most this many at once.
+PUBLIC_MODE = public_mode()
+MAX_LOADED_MODELS = max_loaded_models()
+ALLOWED_MODELS = allowed_models()
 
 
 def data_dir() -> Path:

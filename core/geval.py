@@ -18,9 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
 
-from core.models import BASE, GenParams, Prompt, TokenScores, get_hub
+from core.generation import GenParams, Prompt
+from core.models import get_hub
 from core.names import check_name
 from core.schema import InputError
+from core.scoring import TokenScores
+from core.systems import BASE
 
 if TYPE_CHECKING:
     from core.store import Store

@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterator
 
 import openai
 
-from core.models import (GenerationStream, GenParams, Generation, Message, Prompt, TokenScores,
-                         _messages)
+from core.generation import GenerationStream, GenParams, Generation, Message, Prompt, as_messages
+from core.scoring import TokenScores
 
 OPENAI_URL = "https://api.openai.com/v1"
 # Local servers do not check the key, but the client refuses to start without one.
@@ -70,7 +70,7 @@ class OpenAIBackend:
         prompt_tokens is 0 and new_tokens counts text chunks when the server reports no usage.
         """
         gen_params = params or GenParams()
-        conversations = [_messages(p) for p in prompts]  # bad prompts fail here, not in a thread
+        conversations = [as_messages(p) for p in prompts]  # bad prompts fail here, not in a thread
         return GenerationStream(lambda push, cancel: self._run(conversations, gen_params, push, cancel))
 
     def score_tokens(self, prompt: Prompt, candidates: list[str],
@@ -81,7 +81,7 @@ class OpenAIBackend:
         Chat APIs cannot continue a half-written assistant turn, so `assistant_prefix` ends the
         last message instead. A candidate outside the top 20 gets 0.
         """
-        messages = _with_suffix(_messages(prompt), assistant_prefix)
+        messages = _with_suffix(as_messages(prompt), assistant_prefix)
         with self._errors():
             reply = self._client.chat.completions.create(
                 model=self.model, messages=messages, logprobs=True, top_logprobs=20,

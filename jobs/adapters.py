@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core import config
-from core.models import AdapterError, ModelHub
+from core.model_files import AdapterError
+from core.models import ModelHub
 from core.dataset_presets import PRESETS
 from core.schema import InputError, SplitSetting
 from core.store import Store

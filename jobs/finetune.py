@@ -63,7 +63,7 @@ def load_tokenizer(ref: str) -> tuple[Any, str]:
     """(tokenizer, the path from_pretrained reads); an unknown model fails here, before any work."""
     from transformers import AutoTokenizer
 
-    from core.models import ModelNotFoundError, model_path
+    from core.model_files import ModelNotFoundError, model_path
 
     path = model_path(ref)
     try:
@@ -404,7 +404,7 @@ def result_of(spec: FinetuneSpec, folder: Path, metrics: dict[str, Any]) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from core.models import ModelNotFoundError, UnsupportedModelError
+    from core.model_files import ModelNotFoundError, UnsupportedModelError
 
     try:
         result = train(spec_from_args(args), resume=args.resume)

@@ -335,9 +335,9 @@ def prepare_data(spec: FinetuneSpec, tokenizer: Any, log: Any) -> TrainData:
     examples = sample.train + sample.val
     messages = prompt_messages(spec, examples, dataset,
                                progress=lambda done, total: log(f"prompts built: {done}/{total}"))
-    from core.models import _chat_text  # the exact prompt text ModelHub generates from
+    from core.generation import chat_text  # the exact prompt text ModelHub generates from
 
-    prompts = [_chat_text(tokenizer, m) for m in messages]
+    prompts = [chat_text(tokenizer, m) for m in messages]
     eot = end_of_turn(tokenizer)
     encoded = [encode(tokenizer, p, ex.answer, eot, spec.max_length) for p, ex in zip(prompts, examples)]
     prompt_lengths = [len(e.input_ids) - e.n_answer for e in encoded]

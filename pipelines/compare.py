@@ -16,7 +16,8 @@ from typing import Any, Iterator
 from haystack import Document
 
 from core import config
-from core.models import GenerationStream, GenParams, get_hub
+from core.generation import GenerationStream, GenParams
+from core.models import get_hub
 from core.openai_backend import OpenAIBackend
 from core.schema import InputError, validate_question
 from core.systems import BASE, System

@@ -16,7 +16,10 @@ from haystack.dataclasses import ChatMessage
 from haystack.utils import Secret
 
 from core import config
-from core.models import BASE, GenParams, ModelNotFoundError, UnsupportedModelError, get_hub, resolve
+from core.generation import GenParams
+from core.model_files import ModelNotFoundError, UnsupportedModelError, resolve
+from core.models import get_hub
+from core.systems import BASE
 from pipelines.spec import GeneratorSpec, SpecError
 
 _GEN_PARAMS = ("max_new_tokens", "temperature", "top_p", "seed")

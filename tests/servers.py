@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from core.models import SMOLLM2, model_path
+from core.model_files import SMOLLM2, model_path
 
 
 def free_port() -> int:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from core.datasets import load_preset
-from core.models import BASE, SMOLLM2, GenParams, get_hub
+from core.generation import GenParams
+from core.model_files import SMOLLM2
+from core.models import get_hub
 from core.schema import InputError
-from core.systems import System
+from core.systems import BASE, System
 from pipelines.compare import closed_book_messages, compare
 from pipelines.indexing import build_index
 from pipelines.query import build_prompt

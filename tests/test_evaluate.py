@@ -15,7 +15,7 @@ import pytest
 
 from core.datasets import QADataset
 from core.evalstats import summarize_run
-from core.models import SMOLLM2, model_path
+from core.model_files import SMOLLM2, model_path
 from core.schema import QAExample
 from core.store import ReadOnlyQueryError, Store
 from core.systems import BASE, System

@@ -14,9 +14,12 @@ import pytest
 from pydantic import ValidationError
 
 from core.datasets import DatasetError, load_preset
-from core.models import BASE, GenParams, ModelNotFoundError, get_hub
+from core.generation import GenParams
+from core.model_files import ModelNotFoundError
+from core.models import get_hub
 from core.schema import split_of
 from core.store import Store
+from core.systems import BASE
 from jobs.finetune import adapter_dir, finetune_argv, load_tokenizer, train
 from jobs.runner import JobKind, JobRunner
 from jobs.finetune_data import (

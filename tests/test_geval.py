@@ -11,7 +11,8 @@ from core import evalstats
 from core.geval import (ACCURACY, COMPLETENESS, FALLBACK, FormInput, LocalJudge, Metric,
                         MetricError, form_messages, from_probabilities, from_samples, get_steps,
                         judge_batch, metric_from, parse_score, prompt_hash, score_slot, set_steps)
-from core.models import SMOLLM2, TokenScores
+from core.model_files import SMOLLM2
+from core.scoring import TokenScores
 from core.store import Store
 from core.systems import System
 

@@ -9,12 +9,18 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
+from core import config
 from core.config import models_dir
-from core.models import (BASE, MINILM, SMOLLM2, AdapterError, GenParams, ModelHub,
-                         ModelNotFoundError, UnsupportedModelError, _ensure_converted, resolve)
+from core.generation import GenParams
+from core.model_files import (MINILM, SMOLLM2, AdapterError, ModelNotAllowedError, ModelNotFoundError,
+                              UnsupportedModelError, check_allowed, ensure_converted, model_path,
+                              resolve)
+from core.models import ModelHub
 from core.openai_backend import (BackendRequestError, BackendUnreachableError, MissingApiKeyError,
                                  OpenAIBackend)
+from core.systems import BASE
 from tests import servers
 from tests.servers import free_port, make_lora_adapters
 
@@ -110,6 +116,53 @@ def test_bad_adapter_name_and_params_are_refused(tmp_path):
         GenParams(temperature=-1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenParams(max_new_tokens=0)
+
+
+# ---------------------------------------------------------------- public-server settings (no model)
+
+
+def test_public_mode_follows_the_env_and_a_space():
+    assert config.public_mode({}) is False
+    assert config.public_mode({"SPACE_ID": "me/lab"}) is True
+    assert config.public_mode({"SPACE_ID": "me/lab", "PUBLIC_MODE": "0"}) is False
+    assert config.public_mode({"PUBLIC_MODE": "1"}) is True
+    with pytest.raises(ValueError, match="PUBLIC_MODE must be 1 or 0"):
+        config.public_mode({"PUBLIC_MODE": "maybe"})
+
+
+def test_model_cap_and_allowlist_parse_from_the_env():
+    assert config.max_loaded_models({}) == 2
+    assert config.max_loaded_models({"MAX_LOADED_MODELS": " 3 "}) == 3
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="MAX_LOADED_MODELS must be a whole number"):
+            config.max_loaded_models({"MAX_LOADED_MODELS": bad})
+    assert config.allowed_models({}) == ()
+    assert config.allowed_models({"ALLOWED_MODELS": " org/a, ./b ,,org/a"}) == ("org/a", "./b")
+
+
+@pytest.fixture
+def public(monkeypatch):
+    monkeypatch.setattr(config, "PUBLIC_MODE", True)
+    monkeypatch.setattr(config, "ALLOWED_MODELS", ("nobody-xyz/allowed-model",))
+
+
+def test_public_mode_refuses_models_outside_the_allowlist(public, tmp_path):
+    for ref in (str(tmp_path), "/etc", "nobody-xyz/other-model"):
+        with pytest.raises(ModelNotAllowedError) as err:
+            ModelHub().load(ref)
+        message = str(err.value)
+        assert f"'{ref}'" in message and "ALLOWED_MODELS (nobody-xyz/allowed-model)" in message
+        assert "\n" not in message
+    with pytest.raises(ModelNotAllowedError):
+        model_path(str(tmp_path))  # what fine-tuning trains on goes through the same check
+    with pytest.raises(ModelNotAllowedError):
+        ModelHub().stream(str(tmp_path), ["hi"])
+    # Allowed refs get past the check: this one then fails as any unknown hub id does offline.
+    with pytest.raises(ModelNotFoundError, match="offline"):
+        ModelHub().load("nobody-xyz/allowed-model")
+    check_allowed(SMOLLM2)  # the embedded aliases are always allowed
+    with pytest.raises(UnsupportedModelError, match="not a text-generation model"):
+        ModelHub().load(MINILM)
 
 
 # ---------------------------------------------------------------- OpenAI backend (no model)
@@ -314,12 +367,92 @@ def test_conversion_builds_a_complete_folder_and_clears_stale_temp_dirs(tmp_path
     target = tmp_path / SMOLLM2
     stale = tmp_path / f"{SMOLLM2}.tmp-killed"
     stale.mkdir()
-    _ensure_converted(target, resolve(SMOLLM2).source)
+    ensure_converted(target, resolve(SMOLLM2).source)
     assert not stale.exists() and not list(tmp_path.glob("*.tmp-*"))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in target.iterdir()}
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(target).chat_template
+
+
+# ---------------------------------------------------------------- the cap on loaded models
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> list[str]:
+    """Four random-init Llama folders (a few MB each, cheap to load) with the 135M tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path(SMOLLM2))
+    root = tmp_path_factory.mktemp("tiny")
+    folders = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        model_config = LlamaConfig(**TINY, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        folder = root / f"tiny{seed}"
+        AutoModelForCausalLM.from_config(model_config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders.append(str(folder))
+    return folders
+
+
+@pytest.mark.integration
+def test_loading_past_the_cap_evicts_the_least_recently_used(tiny_models):
+    a, b, c = tiny_models[:3]
+    hub = ModelHub(max_loaded=2)
+    first_a = hub.load(a)
+    hub.load(b)
+    hub.generate(a, ["hi"], params=GenParams(max_new_tokens=2))  # a call makes a recent again
+    assert hub.loaded_models() == [b, a]
+    hub.load(c)
+    assert hub.loaded_models() == [a, c]
+    assert hub.load(a) is first_a  # kept, not reloaded
+    hub.load(b)
+    assert hub.loaded_models() == [a, b]
+
+
+@pytest.mark.integration
+def test_a_model_mid_call_is_never_evicted(tiny_models):
+    a, b, c, d = tiny_models
+    hub = ModelHub(max_loaded=2)
+    entry_a = hub.load(a)
+    hub.load(b)
+    with entry_a.lock:  # as a running generate or score_tokens holds it: a is busy, b is not
+        hub.load(c)
+        assert hub.loaded_models() == [a, c]
+    # Both busy: the load waits for the least recently used one (a) to finish its call.
+    entry_c = hub.load(c)
+    entry_a.lock.acquire()
+    entry_c.lock.acquire()
+    loader = threading.Thread(target=hub.load, args=(d,))
+    loader.start()
+    entry_a.lock.release()
+    loader.join()
+    assert hub.loaded_models() == [c, d]  # c is still mid-call: it stays
+    entry_c.lock.release()
+
+
+@pytest.mark.integration
+def test_an_adapter_comes_back_with_its_evicted_model(tiny_models, tmp_path):
+    a, b = tiny_models[:2]
+    folder = make_lora_adapters(tmp_path, ["ad"], dict(TINY))["ad"]
+    hub = ModelHub(max_loaded=1)
+    hub.load_adapter(a, str(folder), name="ad")
+    params = GenParams(max_new_tokens=8)
+    base, tuned = [g.text for g in hub.generate(a, ["hi", "hi"], [BASE, "ad"], params)]
+    assert base != tuned
+    hub.load(b)
+    assert hub.loaded_models() == [b] and hub.list_adapters(a) == []
+    # A job that attached "ad" before the eviction goes on naming it: the hub attaches it again.
+    assert [g.text for g in hub.generate(a, ["hi", "hi"], [BASE, "ad"], params)] == [base, tuned]
+    assert hub.list_adapters(a) == ["ad"] and hub.loaded_models() == [a]
+    shutil.rmtree(folder)  # a deleted adapter is not brought back
+    hub.load(b)
+    with pytest.raises(AdapterError, match="ad.*not attached"):
+        hub.generate(a, ["hi"], ["ad"], params)
 
 
 # ---------------------------------------------------------------- OpenAI backend, real server

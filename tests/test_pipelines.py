@@ -11,9 +11,10 @@ import pytest
 from haystack import Pipeline
 
 from core.datasets import QADataset, load_preset
-from core.models import BASE, AdapterError
+from core.model_files import AdapterError
 from core.schema import InputError, QAExample, split_of
 from core.store import Store
+from core.systems import BASE
 from pipelines.components import LocalChatGenerator, make_generator
 from pipelines.indexing import IndexCancelled, IndexNotFoundError, build_index, load_index
 from pipelines.query import (build_prompt, build_query_pipeline, build_rag_pipeline, documents_output,

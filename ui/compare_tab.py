@@ -4,7 +4,8 @@ from __future__ import annotations
 import gradio as gr
 
 from core import config
-from core.models import BASE, GenParams
+from core.generation import GenParams
+from core.systems import BASE
 from jobs.services import Services
 from core.systems import System
 from pipelines.compare import MAX_SYSTEMS, Comparison, compare

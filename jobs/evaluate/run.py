@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from core.evalstats import summarize_run
 from core.geval import FormInput, Metric, get_steps, judge_batch, make_judge, metric_from
-from core.models import GenParams, Generation, ModelHub
+from core.generation import GenParams, Generation
+from core.models import ModelHub
 from core.openai_backend import OpenAIBackend
 from core.schema import InputError, QAExample
 from core.store import Store

@@ -7,7 +7,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from core import config
 from core.geval import DEFAULT_SAMPLES, STEPS_MAX_NEW_TOKENS, Method, Metric, metric_from
-from core.models import GenParams
+from core.generation import GenParams
 from core.schema import InputError, unknown_fields
 from core.specs import Number, PipelineRef, Spec, Text, WholeNumber
 from core.systems import BASE, System
