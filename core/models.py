@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from core import config
 from core.generation import GenerationStream, GenParams, Generation, Prompt, chat_text, encode, generate_batch
@@ -54,6 +54,22 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# Architectures with a language-model head (config.json "architectures"): others are refused
+# before any weight is read.
+_GENERATIVE = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _check_generative(ref: str, path: str) -> None:
+    try:
+        architectures = AutoConfig.from_pretrained(path, trust_remote_code=False).architectures or []
+    except (OSError, ValueError):
+        return  # no readable config: the load below says why
+    if architectures and not any(a.endswith(_GENERATIVE) for a in architectures):
+        raise UnsupportedModelError(f"Model '{ref}' is not a text-generation model: it is a "
+                                    f"{architectures[0]} (an embedder or classifier, with no "
+                                    "language-model head).")
+
+
 def _load_model(resolved: ResolvedModel) -> LoadedModel:
     path = model_path(resolved.ref) if resolved.source else resolved.path
     device = _device()
@@ -62,6 +78,7 @@ def _load_model(resolved: ResolvedModel) -> LoadedModel:
     if Path(path, "adapter_config.json").exists():
         raise UnsupportedModelError(f"'{resolved.ref}' is a LoRA adapter folder, not a model: choose "
                                     "its base model and attach the folder as an adapter.")
+    _check_generative(resolved.ref, path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model, info = AutoModelForCausalLM.from_pretrained(

@@ -37,7 +37,7 @@ from core.datasets import DatasetError
 from core.schema import InputError
 from jobs.finetune_data import (
     Encoded, FinetuneError, FinetuneSpec, TrainData, build_parser, collate, n_logits, plan_epoch,
-    prepare_data, read_json, spec_from_args, steps_per_epoch,
+    prepare_data, read_json, sample_data, spec_from_args, steps_per_epoch,
 )
 from jobs.runner import Reporter
 
@@ -255,9 +255,10 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
         reporter.result(result)
         return result
 
-    reporter.progress(0.0, "loading tokenizer and data")
+    reporter.progress(0.0, "loading data and tokenizer")
+    sampled = sample_data(spec, log)  # a bad dataset fails before any model file is touched
     tokenizer, path = load_tokenizer(spec.base_model)
-    data = prepare_data(spec, tokenizer, log)
+    data = prepare_data(spec, tokenizer, log, sampled)
     accelerator.wait_for_everyone()  # every process has checked the folder before it is written
     if main_process:
         folder.mkdir(parents=True, exist_ok=True)

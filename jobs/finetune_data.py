@@ -326,12 +326,20 @@ class TrainData:
     longest_prompt: int
 
 
-def prepare_data(spec: FinetuneSpec, tokenizer: Any, log: Any) -> TrainData:
-    """Sample, prompts, tokens; every user-fixable problem is raised here, before the model loads."""
+def sample_data(spec: FinetuneSpec, log: Any) -> tuple[QADataset, "Sample"]:
+    """The dataset and the drawn sample: checked before the tokenizer (or the model) loads."""
     dataset = load_dataset(spec)
     sample = draw_sample(spec, dataset)
     log(f"{dataset.source}: train split {sample.train_split_size}, eval split {sample.eval_split_size} "
         f"(never trained on); training on {len(sample.train)}, validating on {len(sample.val)}")
+    return dataset, sample
+
+
+def prepare_data(spec: FinetuneSpec, tokenizer: Any, log: Any,
+                 sampled: tuple[QADataset, "Sample"] | None = None) -> TrainData:
+    """Sample (unless `sampled` is given), prompts, tokens; every user-fixable problem is raised
+    here, before the model loads."""
+    dataset, sample = sampled or sample_data(spec, log)
     examples = sample.train + sample.val
     messages = prompt_messages(spec, examples, dataset,
                                progress=lambda done, total: log(f"prompts built: {done}/{total}"))

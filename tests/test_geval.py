@@ -167,14 +167,25 @@ def test_summary_averages_repeats_per_item_then_items():
     assert summary["base"]["diff"] is None
 
 
-def test_paired_bootstrap_is_seeded_and_matches_numpy():
+def test_paired_bootstrap_is_seeded_and_agrees_with_scipy():
     diffs = [0.5, -1.0, 0.25, 2.0, 0.0, -0.5, 1.5]
-    first = evalstats.paired_bootstrap(diffs, n_boot=2000, seed=3)
-    assert first == evalstats.paired_bootstrap(diffs, n_boot=2000, seed=3)
-    rng = np.random.default_rng(3)
-    means = np.asarray(diffs)[rng.integers(0, 7, size=(2000, 7))].mean(axis=1)
-    assert first == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    ours = evalstats.paired_bootstrap(diffs, n_boot=20_000, seed=3)
+    assert ours == evalstats.paired_bootstrap(diffs, n_boot=20_000, seed=3)
+    ref = stats.bootstrap((np.asarray(diffs),), np.mean, n_resamples=20_000, method="percentile",
+                          confidence_level=0.95, rng=np.random.default_rng(11)).confidence_interval
+    # Two independent Monte Carlo estimates of the same percentiles: equal within resampling noise.
+    assert ours == pytest.approx((ref.low, ref.high), abs=0.06)
     assert evalstats.paired_bootstrap([1.0]) is None and evalstats.t_interval([2.0]) is None
+
+
+def test_paired_bootstrap_matches_the_enumerated_distribution():
+    # Resampling [0, 3, 6] gives 27 equally likely samples whose means 0..6 occur 1,3,6,7,6,3,1
+    # times: 0 and 6 each carry 1/27 = 3.7% > 2.5%, so the exact 95% percentile interval is (0, 6).
+    assert evalstats.paired_bootstrap([0.0, 3.0, 6.0], n_boot=20_000, seed=1) == (0.0, 6.0)
+    # For [0, 1] the means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: again the end points.
+    assert evalstats.paired_bootstrap([0.0, 1.0], n_boot=20_000, seed=2) == (0.0, 1.0)
+    # A 40% interval cuts 30% from each tail: past the 25% at each end, inside the 50% at 0.5.
+    assert evalstats.paired_bootstrap([0.0, 1.0], n_boot=20_000, seed=2, confidence=0.4) == (0.5, 0.5)
 
 
 def test_summary_takes_a_dataframe_and_default_bases_pair_like_with_like():
