@@ -250,6 +250,8 @@ class JobRunner:
             log.flush()
             proc = procs.spawn(argv, env, config.REPO_DIR, log)
         self._procs[job_id] = proc
+        if self._cancel[job_id].is_set():  # cancelled while it was being started
+            procs.signal_group(proc.pid, signal.SIGTERM)
         self.store.update_job(job_id, pid=proc.pid, pgid=proc.pid)
         result = None
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 
 class Gate:
@@ -19,12 +20,15 @@ class Gate:
         self._file("armed").touch()
         return self
 
-    def wait_reached(self, timeout: float = 300) -> int:
-        """Block until a job stopped at the gate; returns the pid of the process that did."""
+    def wait_reached(self, timeout: float = 300, alive: Callable[[], bool] = lambda: True) -> int:
+        """Block until a job stopped at the gate; returns the pid of the process that did.
+        `alive()` turning false (the job ended before it got there) fails at once."""
         end = time.monotonic() + timeout
         while not self._file("reached").exists():
             if time.monotonic() > end:
                 raise TimeoutError(f"nothing reached gate '{self.name}' in {timeout:.0f} s")
+            if not alive():
+                raise AssertionError(f"the job ended before it reached gate '{self.name}'")
             time.sleep(0.05)
         return int(self._file("reached").read_text())
 

@@ -334,8 +334,12 @@ def test_child_dies_with_the_app(tmp_path):
         "print(child.pid, flush=True); sys.stdin.read()")],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     child = int(app.stdout.readline())
-    assert not gone(child)
-    app.kill()
-    app.wait()
-    assert wait_for(lambda: gone(child), timeout=30)
+    try:
+        assert not gone(child)
+        app.kill()
+        app.wait()
+        assert wait_for(lambda: gone(child), timeout=30)
+    finally:
+        if not gone(child):
+            os.kill(child, signal.SIGKILL)
 
