@@ -182,6 +182,11 @@ class Store:
         )
         return [_decode_job(r) for r in rows]
 
+    def job_processes(self) -> list[dict[str, Any]]:
+        """Jobs with a recorded child process group (id, pid, pgid): running, or left by an app
+        that died."""
+        return self.query("SELECT id, pid, pgid FROM jobs WHERE pgid IS NOT NULL ORDER BY id")
+
     def mark_interrupted(self) -> list[str]:
         """Jobs left running or queued by a process that died: interrupted, resumable."""
         rows = self.query("SELECT id FROM jobs WHERE status IN ('running', 'queued')")

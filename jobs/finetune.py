@@ -17,8 +17,8 @@ Read top to bottom: spec -> data (sample, prompts, tokens, checks) -> model + Lo
 - Outputs in config.subdir("adapters")/<name>/: adapter_model.safetensors, adapter_config.json,
   spec.json, train_ids.json, metrics.json (written last: its presence means the run finished;
   the checkpoints are then deleted).
-Run by the job runner (jobs.runner), it reports through Reporter and never opens DuckDB; the app
-records the adapter from the Reporter result.
+Run by the job runner (jobs.runner), it reports through Reporter (jobs.events) and never opens
+DuckDB; the app records the adapter from the Reporter result.
 """
 from __future__ import annotations
 
@@ -35,11 +35,12 @@ from typing import Any
 from core import config
 from core.datasets import DatasetError
 from core.schema import InputError
+from core.testhooks import gate
 from jobs.finetune_data import (
     Encoded, FinetuneError, FinetuneSpec, TrainData, build_parser, collate, n_logits, plan_epoch,
     prepare_data, read_json, sample_data, spec_from_args, steps_per_epoch,
 )
-from jobs.runner import Reporter
+from jobs.events import Reporter
 
 __all__ = ["FinetuneSpec", "FinetuneError", "SilentReporter", "finetune_argv", "train", "adapter_dir", "main"]
 
@@ -342,6 +343,7 @@ def train(spec: FinetuneSpec, resume: bool = False, reporter: Reporter | None = 
             reporter.metric(step=state.step, train_loss=state.train[-1]["loss"], val_loss=val)
         if reporter.under_runner:  # by hand, the progress line above already printed it
             log(step_message(state, total_steps))
+        gate(f"finetune-step-{state.step}")  # tests stop a run here (core.testhooks)
 
     accelerator.wait_for_everyone()
     metrics = final_metrics(spec, data, state, total_steps)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core.schema import InputError, Passage
+from core.testhooks import gate
 from core.store import Store
 from jobs.runner import JobContext, JobRunner, job_dir
 from pipelines import indexing, spec as pspec
@@ -54,6 +55,8 @@ class IndexCatalog:
         else:
             passages = self._corpus(ctx.spec["dataset_id"])
         ctx.log(f"indexing {len(passages)} passages with {spec.retriever} retrieval")
+        ctx.progress(0.0, f"indexing {len(passages)} passages")
+        gate("index-job")  # tests stop the job here (core.testhooks)
         handle = indexing.build_index(spec, passages, progress=ctx.progress,
                                       should_cancel=lambda: ctx.cancelled)
         pspec.save_spec(spec, pipeline_yaml(spec, handle), store=self.store)

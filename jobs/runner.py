@@ -4,18 +4,21 @@ A job is a row in the jobs table plus a folder (data dir /jobs/<id>/) holding it
 - thread jobs run inside the app process (evaluation: it shares the loaded models and the DuckDB
   connection, and writes rows as it goes);
 - subprocess jobs run a command (fine-tuning: crash isolation, `accelerate launch`). The child never
-  opens the database (DuckDB allows one writer process); it prints `@@job {json}` lines that this
-  runner turns into progress updates and a result. `Reporter` is the child's side of that protocol.
-A job that was running when the app stopped is marked interrupted on the next start; `resume` runs it
-again with resume=True, and the job itself skips the work it already finished.
+  opens the database (DuckDB allows one writer process); it appends events to the job's events
+  file (jobs.events, whose Reporter is the child's side) that this runner turns into progress
+  updates and a result; its stdout and stderr go to the log. The child's pid and process group
+  are stored with the job while it runs (jobs.procs starts it and can stop it).
+A job that was running when the app stopped is marked interrupted on the next start, after its
+process group, if a child still runs it, is stopped; `resume` runs it again with resume=True, and
+the job itself skips the work it already finished.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -26,9 +29,12 @@ from typing import Any, Callable
 
 from core import config
 from core.store import Store, now
+from jobs import procs
+from jobs.events import EVENTS_ENV, EVENTS_FILE, JOB_ENV, EventReader, read_result, result_path
 
-PROTOCOL_PREFIX = "@@job "
-JOB_ENV = "LAB_JOB_ID"
+logger = logging.getLogger(__name__)
+
+EVENT_POLL_SECONDS = 0.1
 TERMINAL = ("done", "failed", "cancelled", "interrupted")
 
 
@@ -117,7 +123,11 @@ class JobRunner:
         self._cancel: dict[str, threading.Event] = {}
         self._procs: dict[str, subprocess.Popen] = {}
         self._threads: dict[str, threading.Thread] = {}
+        # Interrupted first: a runner still watching such a child (two apps on one database,
+        # as in the tests) then sees the record taken over and leaves it be (_finish).
         self.interrupted_on_start = store.mark_interrupted()
+        self.stopped_on_start = [job["id"] for job in store.job_processes()
+                                 if self._stop_orphan(job)]
 
     # -- public API -------------------------------------------------------------------------
     def register(self, kind: str, how: JobKind) -> None:
@@ -143,6 +153,8 @@ class JobRunner:
         job = self._job(job_id)
         if job["status"] not in ("failed", "cancelled", "interrupted"):
             raise JobError(f"Job {job_id} is {job['status']}; only a stopped job can be resumed.")
+        if job["pgid"] is not None:
+            self._stop_orphan(job)
         self.store.update_job(job_id, status="queued", error=None, finished_at=None,
                               message="resuming")
         self._launch(job_id, job["kind"], job["spec"], resume=True)
@@ -155,7 +167,7 @@ class JobRunner:
         self._cancel.setdefault(job_id, threading.Event()).set()
         proc = self._procs.get(job_id)
         if proc and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            procs.signal_group(proc.pid, signal.SIGTERM)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         thread = self._threads.get(job_id)
@@ -228,66 +240,75 @@ class JobRunner:
 
     def _run_subprocess(self, job_id: str, argv: list[str], progress: _Progress,
                         log_path: Path) -> dict[str, Any]:
-        env = {**os.environ, JOB_ENV: job_id, "PYTHONUNBUFFERED": "1"}
-        result: dict[str, Any] = {}
+        events_path = job_dir(job_id) / EVENTS_FILE
+        saved_result = result_path(events_path)
+        saved_result.unlink(missing_ok=True)  # only this attempt's result counts
+        reader = EventReader(events_path)
+        env = {**os.environ, JOB_ENV: job_id, EVENTS_ENV: str(events_path), "PYTHONUNBUFFERED": "1"}
         with log_path.open("a", encoding="utf-8") as log:
             log.write(f"$ {' '.join(argv)}\n")
-            proc = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                cwd=config.REPO_DIR, start_new_session=True,
-            )
-            self._procs[job_id] = proc
-            for line in proc.stdout:
-                if line.startswith(PROTOCOL_PREFIX):
-                    event = json.loads(line[len(PROTOCOL_PREFIX):])
-                    if "result" in event:
-                        result = event["result"]
-                    elif "metric" in event:
-                        _append_metric(job_id, event["metric"])
-                    else:
-                        progress.update(event["progress"], event.get("message", ""))
-                else:
-                    log.write(line)
-                    log.flush()
-            rc = proc.wait()
-        self._procs.pop(job_id, None)
+            log.flush()
+            proc = procs.spawn(argv, env, config.REPO_DIR, log)
+        self._procs[job_id] = proc
+        if self._cancel[job_id].is_set():  # cancelled while it was being started
+            procs.signal_group(proc.pid, signal.SIGTERM)
+        self.store.update_job(job_id, pid=proc.pid, pgid=proc.pid)
+        result = None
+        try:
+            finished = False
+            while not finished:
+                try:
+                    proc.wait(EVENT_POLL_SECONDS)
+                    finished = True
+                except subprocess.TimeoutExpired:
+                    pass
+                result = self._apply_events(job_id, reader.read(final=finished), progress) or result
+        finally:
+            if proc.poll() is None:  # this thread failed: the child must not run on unwatched
+                procs.signal_group(proc.pid, signal.SIGTERM)
+            self._procs.pop(job_id, None)
+            self.store.update_job(job_id, pid=None, pgid=None)
         if self._cancel[job_id].is_set():
             raise JobCancelled()
-        if rc != 0:
-            raise RuntimeError(f"exited with code {rc}: {self.log_tail(job_id, 3).strip()}")
+        if proc.returncode != 0:
+            raise RuntimeError(f"exited with code {proc.returncode}: "
+                               f"{self.log_tail(job_id, 3).strip()}")
+        if result is None:
+            result = read_result(saved_result)
+            if result is not None:
+                logger.warning("job %s: no result event; took the result from %s", job_id,
+                               saved_result)
+        return result or {}
+
+    @staticmethod
+    def _apply_events(job_id: str, events: list[dict[str, Any]],
+                      progress: _Progress) -> dict[str, Any] | None:
+        """Record a batch of a child's events; returns the result if the batch holds one."""
+        result, latest = None, None
+        for event in events:
+            if "result" in event:
+                result = event["result"]
+            elif "metric" in event:
+                _append_metric(job_id, event["metric"])
+            else:
+                latest = event
+        if latest is not None:  # only the newest fraction of a batch matters
+            progress.update(latest["progress"], latest.get("message", ""))
         return result
 
+    def _stop_orphan(self, job: dict[str, Any]) -> bool:
+        """Stop the process group a previous app recorded for `job` if it still runs the job,
+        and forget it; returns whether something was stopped."""
+        stopped = procs.kill_orphan(job["pgid"], job["id"])
+        self.store.update_job(job["id"], pid=None, pgid=None)
+        return stopped
+
     def _finish(self, job_id: str, status: str, **fields: Any) -> None:
+        if self._job(job_id)["status"] == "interrupted":
+            return  # another runner (a restarted app) declared this attempt dead and owns the record
         self.store.update_job(job_id, status=status, finished_at=now(), eta_seconds=None, **fields)
 
 
 def _append_metric(job_id: str, values: dict[str, Any]) -> None:
     with (job_dir(job_id) / "metrics.jsonl").open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(values) + "\n")
-
-
-class Reporter:
-    """The child's side of a subprocess job; prints plain progress when run by hand (CLI)."""
-
-    def __init__(self) -> None:
-        self.under_runner = JOB_ENV in os.environ
-
-    def progress(self, fraction: float, message: str = "") -> None:
-        if self.under_runner:
-            self._emit({"progress": fraction, "message": message})
-        else:
-            print(f"[{fraction:6.1%}] {message}", flush=True)
-
-    def metric(self, **values: Any) -> None:
-        """A point for live charts (e.g. step, train_loss, val_loss); silent when run by hand."""
-        if self.under_runner:
-            self._emit({"metric": values})
-
-    def result(self, result: dict[str, Any]) -> None:
-        if self.under_runner:
-            self._emit({"result": result})
-
-    @staticmethod
-    def _emit(event: dict[str, Any]) -> None:
-        sys.stdout.write(PROTOCOL_PREFIX + json.dumps(event) + "\n")
-        sys.stdout.flush()

@@ -20,10 +20,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(data_dir: Path, timeout: float = 180):
+def running_app(data_dir: Path, timeout: float = 180, env: dict[str, str] | None = None):
+    """`env`: extra environment variables for the app (e.g. core.testhooks' gate folder)."""
     port = free_port()
     env = {**os.environ, "DATA_DIR": str(data_dir), "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_SERVER_NAME": "127.0.0.1"}
+           "GRADIO_SERVER_NAME": "127.0.0.1", **(env or {})}
     log = open(data_dir / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)

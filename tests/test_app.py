@@ -4,14 +4,22 @@ import time
 import pytest
 from gradio_client import Client
 
+from core.testhooks import GATE_ENV
 from tests.app_server import REPO, running_app
+from tests.gates import Gate
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("app-data")) as url:
+def gate_dir(tmp_path_factory):
+    """The app's core.testhooks folder: a gate blocks only once a test arms it."""
+    return tmp_path_factory.mktemp("gates")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, gate_dir):
+    with running_app(tmp_path_factory.mktemp("app-data"), env={GATE_ENV: str(gate_dir)}) as url:
         yield Client(url, verbose=False)
 
 
@@ -19,7 +27,7 @@ def test_every_user_action_has_a_named_endpoint(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/load_dataset", "/compare", "/regenerate", "/clear", "/vote_A_better",
             "/vote_B_better", "/vote_tie", "/vote_all_bad", "/preset_2x2", "/build_index",
-            "/cancel_index", "/retrieve", "/retrieval_quality", "/load_pipeline",
+            "/index_status", "/cancel_index", "/retrieve", "/retrieval_quality", "/load_pipeline",
             "/delete_pipeline", "/list_jobs", "/cancel_job", "/resume_job", "/job_log"} <= names
 
 
@@ -101,11 +109,37 @@ def template():
     return DEFAULT_TEMPLATE
 
 
+def index_status(client, job_id):
+    """Poll the RAG tab's status endpoint until the indexing job ends: (status, saved, graph)."""
+    end = time.time() + 300
+    while time.time() < end:
+        status, saved, graph = client.predict(job_id, api_name="/index_status")[:3]
+        if not status.startswith(("**queued**", "**running**")):
+            return status, saved, graph
+        time.sleep(0.5)
+    raise TimeoutError(status)
+
+
 @pytest.fixture(scope="module")
 def built_index(client, template):
-    status, saved, graph = client.predict("sample:nq", [], *SPEC, template, api_name="/build_index")
-    assert "52 passages" in status and "flowchart" in graph
+    job_id = client.predict("sample:nq", [], *SPEC, template, api_name="/build_index")
+    status, saved, graph = index_status(client, job_id)
+    assert "52 passages" in status and job_id in status and "flowchart" in graph
     return "app-nq"
+
+
+def test_index_build_can_be_cancelled_while_it_runs(client, gate_dir, template):
+    gate = Gate(gate_dir, "index-job").arm()
+    spec = ["app-cancelled", *SPEC[1:]]
+    job_id = client.predict("sample:nq", [], *spec, template, api_name="/build_index")
+    gate.wait_reached()  # the id came back while the job runs: it stands at the gate
+    assert client.predict(job_id, api_name="/index_status")[0].startswith("**running**")
+    assert client.predict(job_id, api_name="/cancel_index") == "Cancel requested."
+    gate.release()
+    status, saved, graph = index_status(client, job_id)
+    assert status.startswith("**cancelled**"), status
+    with pytest.raises(Exception, match="already ended"):
+        client.predict(job_id, api_name="/cancel_index")
 
 
 def test_retrieve_and_retrieval_quality(client, built_index, template):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from pydantic import ValidationError
 
@@ -20,12 +19,14 @@ from core.models import get_hub
 from core.schema import split_of
 from core.store import Store
 from core.systems import BASE
+from core.testhooks import GATE_ENV
 from jobs.finetune import adapter_dir, finetune_argv, load_tokenizer, train
 from jobs.runner import JobKind, JobRunner
 from jobs.finetune_data import (
     IGNORE, FinetuneError, FinetuneSpec, collate, draw_sample, encode, end_of_turn, n_logits, plan_epoch,
     prepare_data,
 )
+from tests.gates import Gate
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -267,26 +268,26 @@ def test_existing_adapter_is_refused_without_resume_and_kept_with_it(trained):
 
 
 @pytest.mark.integration
-def test_resume_after_sigkill_continues_step_count_and_loss_history(tmp_path, trained):
-    """The job runner runs the CLI (finetune_argv); SIGKILL after the first checkpoint, then resume.
-    Same spec as `trained` but for the name and checkpoints, so the curves must match it."""
+def test_resume_after_sigkill_continues_step_count_and_loss_history(tmp_path, trained, monkeypatch):
+    """The job runner runs the CLI (finetune_argv); the run stops at a test gate after step 2 (its
+    checkpoint written) and is SIGKILLed there, then resumed. Same spec as `trained` but for the
+    name and checkpoints, so the curves must match it."""
+    monkeypatch.setenv(GATE_ENV, str(tmp_path / "gates"))
+    after_step_2 = Gate(tmp_path / "gates", "finetune-step-2").arm()
     runner = JobRunner(Store(tmp_path / "jobs.duckdb"), {"finetune": JobKind(argv=finetune_argv)})
     spec = tiny_spec(epochs=2, val_every=2, checkpoint_every=1, name="killed")
     job_id = runner.start("finetune", spec.to_dict())
-    checkpoints = adapter_dir("killed") / "checkpoints"
-    deadline = time.monotonic() + 240
-    while not list(checkpoints.glob("step-*")) and time.monotonic() < deadline:
-        assert runner.wait(job_id, timeout=0.2)["status"] in ("queued", "running"), runner.log_tail(job_id)
-    children = [p for p in psutil.Process().children(recursive=True) if "jobs.finetune" in p.cmdline()]
-    assert len(children) == 1
-    children[0].send_signal(signal.SIGKILL)
+    trainer = after_step_2.wait_reached(
+        timeout=300, alive=lambda: runner.get(job_id)["status"] in ("queued", "running"))
+    os.kill(trainer, signal.SIGKILL)
     assert runner.wait(job_id, timeout=60)["status"] == "failed"
+    checkpoints = adapter_dir("killed") / "checkpoints"
     saved = sorted(checkpoints.glob("step-*"))
-    assert saved, "no checkpoint was written before the deadline"
+    assert [p.name for p in saved] == ["step-000001", "step-000002"]
     assert not (adapter_dir("killed") / "metrics.json").exists()  # really killed mid-run
     state = json.loads((saved[-1] / "state.json").read_text())
     done = state["step"]
-    assert 1 <= done < 4 and [p["step"] for p in state["train"]] == list(range(1, done + 1))
+    assert done == 2 and [p["step"] for p in state["train"]] == [1, 2]
 
     runner.resume(job_id)
     job = runner.wait(job_id, timeout=300)

@@ -7,7 +7,7 @@ import pandas as pd
 from core import config
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
-from ui.common import fmt_seconds, user_errors
+from ui.common import fmt_seconds, job_status, user_errors
 
 FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
         "lora_alpha", "lora_dropout", "target_modules", "qlora", "epochs", "lr", "lr_schedule",
@@ -139,15 +139,8 @@ def build(services: Services) -> None:
         jid = (jid or "").strip()
         if not jid:
             return gr.update(), gr.update()
-        try:
-            job = services.runner.get(jid)
-        except ValueError:
-            return f"No job `{jid}`.", gr.update()
-        eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
-        text = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"
-        if job["error"]:
-            text += f"\n\n{job['error']}"
-        return text, loss_frame(services.runner.metrics(jid))
+        job, text = job_status(services.runner, jid)
+        return text, loss_frame(services.runner.metrics(jid)) if job else gr.update()
 
     @user_errors
     def do_cancel(jid):

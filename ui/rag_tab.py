@@ -1,17 +1,16 @@
 """RAG tab: choose a corpus, set the pipeline spec, build the index, try queries, see quality."""
 from __future__ import annotations
 
-import time
-
 import gradio as gr
 import pandas as pd
 
 from core import config
+from jobs.runner import TERMINAL
 from jobs.services import Services
 from pipelines import spec as pspec
 from pipelines.graph import pipeline_mermaid
 from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
-from ui.common import fmt_seconds, user_errors
+from ui.common import fmt_seconds, job_status, user_errors
 from ui.tables import CHUNK_COLUMNS, chunks_table
 
 QUALITY_KS = (1, 3, 5, 10)
@@ -49,8 +48,9 @@ def build(services: Services) -> None:
     with gr.Row():
         build_btn = gr.Button("Build index", variant="primary")
         cancel_btn = gr.Button("Cancel indexing")
-    job_id = gr.State("")
+    job_id = gr.Textbox(label="Indexing job", interactive=True)
     build_status = gr.Markdown()
+    poll_timer = gr.Timer(1.0, active=False)  # runs while a build does
     with gr.Row():
         with gr.Column(scale=2):
             question = gr.Textbox(label="Try a query", placeholder="Which gene is mutated in …?")
@@ -75,23 +75,28 @@ def build(services: Services) -> None:
             ranker=(rk or "").strip() or None, prompt_template=tpl)
 
     @user_errors
-    def do_build(ds_id, uploaded, *values, progress=gr.Progress()):
+    def do_build(ds_id, uploaded, *values):
+        """Start the build and return its job id at once (the status poll follows it)."""
         spec = make_spec(*values)
         paths = [f if isinstance(f, str) else f.name for f in (uploaded or [])]
-        jid = services.indexes.start(spec, ds_id, paths)
-        while True:
-            job = services.runner.get(jid)
-            progress(job["progress"], desc=job["message"] or job["status"])
-            if job["status"] in ("done", "failed", "cancelled"):
-                break
-            time.sleep(0.3)
-        if job["status"] != "done":
-            raise gr.Error(f"Indexing {job['status']}: {job['error'] or job['message']}")
+        return services.indexes.start(spec, ds_id, paths)
+
+    @user_errors
+    def do_status(jid):
+        """The build's state; once it is done also the saved list and the graph. The poll timer
+        runs while the job does."""
+        jid = (jid or "").strip()
+        if not jid:
+            return gr.update(), gr.update(), gr.update(), gr.Timer(active=False)
+        job, text = job_status(services.runner, jid)
+        running = job is not None and job["status"] not in TERMINAL
+        if job is None or job["status"] != "done":
+            return text, gr.update(), gr.update(), gr.Timer(active=running)
         r = job["result"]
-        status = (f"Index **{r['pipeline']}** built: {r['passages']} passages → {r['chunks']} "
-                  f"chunks in {fmt_seconds(r['seconds'])} (job `{jid}`).")
-        return jid, status, gr.update(choices=services.indexes.names(), value=spec.name), \
-            show_graph(spec.name)
+        text = (f"Index **{r['pipeline']}** built: {r['passages']} passages → {r['chunks']} "
+                f"chunks in {fmt_seconds(r['seconds'])} (job `{jid}`).")
+        return (text, gr.update(choices=services.indexes.names(), value=r["pipeline"]),
+                show_graph(r["pipeline"]), gr.Timer(active=False))
 
     def show_graph(pipeline_name: str) -> str:
         handle = services.indexes.get(pipeline_name)
@@ -99,9 +104,9 @@ def build(services: Services) -> None:
 
     @user_errors
     def do_cancel(jid):
-        if not jid:
+        if not (jid or "").strip():
             raise gr.Error("No indexing job is running from this page.")
-        services.runner.cancel(jid)
+        services.runner.cancel(jid.strip())
         return "Cancel requested."
 
     @user_errors
@@ -136,8 +141,12 @@ def build(services: Services) -> None:
         services.indexes.delete(pipeline_name)
         return gr.update(choices=services.indexes.names(), value=None), f"Deleted `{pipeline_name}`."
 
-    build_btn.click(do_build, inputs=[dataset, files, *spec_inputs],
-                    outputs=[job_id, build_status, saved, graph], api_name="build_index")
+    build_btn.click(do_build, inputs=[dataset, files, *spec_inputs], outputs=job_id,
+                    api_name="build_index")
+    status_outputs = [build_status, saved, graph, poll_timer]
+    job_id.change(do_status, inputs=job_id, outputs=status_outputs, api_name="index_status")
+    poll_timer.tick(do_status, inputs=job_id, outputs=status_outputs, api_name=False,
+                    show_progress="hidden")
     cancel_btn.click(do_cancel, inputs=job_id, outputs=build_status, api_name="cancel_index")
     retrieve_btn.click(do_retrieve, inputs=[question, *spec_inputs], outputs=chunks,
                        api_name="retrieve")
