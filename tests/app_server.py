@@ -9,6 +9,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Mapping
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,9 +21,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(data_dir: Path, timeout: float = 180):
+def running_app(data_dir: Path, timeout: float = 180, env: Mapping[str, str] = {}):
+    """The app's URL while it runs; `env` adds settings (e.g. SQL_TIMEOUT_S) to this process's."""
     port = free_port()
-    env = {**os.environ, "DATA_DIR": str(data_dir), "GRADIO_SERVER_PORT": str(port),
+    env = {**os.environ, **env, "DATA_DIR": str(data_dir), "GRADIO_SERVER_PORT": str(port),
            "GRADIO_SERVER_NAME": "127.0.0.1"}
     log = open(data_dir / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=log,
