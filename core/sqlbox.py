@@ -93,9 +93,10 @@ def leading_keyword(statement_text: str) -> str:
     return match.group(1).upper() if match else "?"
 
 
-def relations(tree: Any) -> tuple[list[str], list[str]]:
-    """(table functions, base table names) named anywhere in a json_serialize_sql tree."""
-    functions, tables = [], []
+def relations(tree: Any) -> tuple[list[str], list[str], list[str]]:
+    """(table functions, base table names, other functions) named anywhere in a
+    json_serialize_sql tree."""
+    functions, tables, calls = [], [], []
     stack = [tree]
     while stack:
         node = stack.pop()
@@ -104,10 +105,12 @@ def relations(tree: Any) -> tuple[list[str], list[str]]:
                 functions.append(str(node["function"].get("function_name", "")).lower())
             elif node.get("type") == "BASE_TABLE":
                 tables.append(str(node.get("table_name", "")))
+            elif node.get("class") == "FUNCTION":
+                calls.append(str(node.get("function_name", "")).lower())
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-    return functions, tables
+    return functions, tables, calls
 
 
 @contextmanager
@@ -141,7 +144,7 @@ class SqlBox:
                  memory_limit: str = config.SQL_MEMORY_LIMIT) -> None:
         self.store, self.timeout_s, self.max_rows = store, timeout_s, max_rows
         folder = tempfile.mkdtemp(prefix="sqlbox-")
-        self.path = Path(folder) / "copy.duckdb"
+        self.path = Path(folder) / store.path.name  # the same database name as the store's
         self._remove_folder = weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         self._config = sandbox_config(memory_limit)
         self._parser = duckdb.connect(":memory:", config=self._config)
@@ -169,11 +172,12 @@ class SqlBox:
                 raise ReadOnlyQueryError(f"{verb} is not allowed: {REFUSED[verb]}.")
             raise ReadOnlyQueryError(f"Only SELECT queries are allowed here, not {verb}: the SQL "
                                      "box is read-only.")
-        tree = json.loads(self._parser.execute("SELECT json_serialize_sql(?::VARCHAR)",
-                                               [text]).fetchone()[0])
+        with self._parser.cursor() as parser:  # a cursor per call: checks run in parallel
+            tree = json.loads(parser.execute("SELECT json_serialize_sql(?::VARCHAR)",
+                                             [text]).fetchone()[0])
         if tree.get("error"):
             raise ReadOnlyQueryError(f"The SQL does not parse: {tree.get('error_message')}")
-        functions, tables = relations(tree)
+        functions, tables, calls = relations(tree)
         for name in functions:
             if name in FILE_READERS:
                 raise ReadOnlyQueryError(f"{name}() reads files: {_OWN_TABLES}.")
@@ -183,6 +187,8 @@ class SqlBox:
         for name in tables:
             if any(ch in name for ch in "/\\:."):
                 raise ReadOnlyQueryError(f"'{name}' looks like a file or URL: {_OWN_TABLES}.")
+        if "current_setting" in calls:  # settings name server paths (home, temp, extensions)
+            raise ReadOnlyQueryError(f"current_setting() is not available: {_SETTINGS}.")
         return text
 
     def run(self, sql: str) -> SqlResult:

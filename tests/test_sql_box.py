@@ -35,6 +35,7 @@ def test_a_select_over_the_app_tables_returns_rows(box):
     assert result.rows == [("evaluate", 1), ("finetune", 1)] and not result.cut
     assert result.note() == "2 rows."
     assert box.run("SHOW TABLES").rows[0] == ("adapters",)
+    assert box.run("SELECT database_name FROM duckdb_tables()").rows[0] == ("app",)
     assert box.run("WITH t AS (SELECT 2 AS x) SELECT x FROM t").rows == [(2,)]
     assert box.run("SELECT count(*) FROM duckdb_columns() WHERE table_name = 'jobs'").rows[0][0] > 3
 
@@ -89,6 +90,9 @@ REFUSALS = [
     ("IMPORT DATABASE '{tmp}/dump'", r"^IMPORT is not allowed"),
     ("SET enable_external_access = true", r"^SET is not allowed: the SQL box's settings are fixed\.$"),
     ("RESET memory_limit", r"^RESET is not allowed: the SQL box's settings are fixed\.$"),
+    ("SELECT current_setting('secret_directory')",
+     r"^current_setting\(\) is not available: the SQL box's settings are fixed\.$"),
+    ("SELECT * FROM duckdb_settings()", r"^The table function duckdb_settings\(\) is not available"),
     ("PRAGMA version", r"^PRAGMA is not allowed: use SELECT on DuckDB's catalog functions"),
     ("CALL pragma_version()", r"^CALL is not allowed"),
     ("SELECT 1; DROP TABLE jobs",
