@@ -13,6 +13,12 @@ MAX_UPLOAD_BYTES = int(float(os.environ.get("MAX_UPLOAD_MB", "50")) * 1024 * 102
 # Questions longer than this (characters) are refused with a clear message.
 MAX_QUESTION_CHARS = int(os.environ.get("MAX_QUESTION_CHARS", "4000"))
 
+# The Evaluate tab's SQL box (core/sqlbox.py): a query is stopped after SQL_TIMEOUT_S seconds,
+# shows at most SQL_MAX_ROWS rows and may use SQL_MEMORY_LIMIT of memory (a DuckDB size).
+SQL_TIMEOUT_S = float(os.environ.get("SQL_TIMEOUT_S", "5"))
+SQL_MAX_ROWS = int(os.environ.get("SQL_MAX_ROWS", "1000"))
+SQL_MEMORY_LIMIT = os.environ.get("SQL_MEMORY_LIMIT", "512MB")
+
 DEFAULT_CHAT_MODEL = os.environ.get("DEFAULT_CHAT_MODEL", "smollm2-135m-instruct")
 DEFAULT_EMBEDDER = os.environ.get("DEFAULT_EMBEDDER", "all-minilm-l6-v2")
 

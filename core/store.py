@@ -46,10 +46,6 @@ class StoreLockedError(RuntimeError):
     """Another process holds the database file read-write."""
 
 
-class ReadOnlyQueryError(ValueError):
-    """A query for the read-only SQL box that is not a single SELECT, or that failed."""
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
@@ -94,6 +90,7 @@ class Store:
                 "Stop that process, or run this through the app's job runner."
             ) from exc
         self._write_lock = threading.RLock()
+        self._generation = 0
         self._local = threading.local()
         self.migrate()
 
@@ -104,9 +101,15 @@ class Store:
             cur = self._local.cursor = self._conn.cursor()
         return cur
 
+    @property
+    def generation(self) -> int:
+        """Counts finished writes: a copy taken at generation g is stale once this moves on."""
+        return self._generation
+
     def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
         with self._write_lock:
             self._cursor().execute(sql, list(params))
+            self._generation += 1
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[dict[str, Any]]:
         cur = self._cursor().execute(sql, list(params))
@@ -125,6 +128,7 @@ class Store:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
+            self._generation += 1
 
     def close(self) -> None:
         self._conn.close()
@@ -279,9 +283,10 @@ class Store:
 
     # -- evaluation -------------------------------------------------------------------------
     # G-Eval runs (jobs/evaluate), their systems, answers and judgments, the steps cache
-    # (core/geval.py), exports, and the read-only SQL box. Keys: answers (run_id, example_id,
-    # system_id); judgments (run_id, example_id, system_id, metric, repeat); inserts never
-    # overwrite, so a resumed run cannot duplicate or change finished work.
+    # (core/geval.py), exports, and the copy the read-only SQL box reads (core/sqlbox.py).
+    # Keys: answers (run_id, example_id, system_id); judgments (run_id, example_id, system_id,
+    # metric, repeat); inserts never overwrite, so a resumed run cannot duplicate or change
+    # finished work.
     def get_geval_steps(self, metric: str, judge: str, criteria_hash: str) -> str | None:
         rows = self.query("SELECT steps FROM geval_steps WHERE metric = ? AND judge = ? AND "
                           "criteria_hash = ?", [metric, judge, criteria_hash])
@@ -439,35 +444,22 @@ class Store:
             paths.append(path)
         return paths
 
-    def read_only_query(self, sql: str, limit: int = 1000) -> tuple[list[str], list[tuple]]:
-        """Run one SELECT for the SQL box: (column names, at most `limit` rows).
-
-        DuckDB's own parser classifies the statement; anything but a single SELECT is refused.
-        It runs on its own cursor inside a transaction that is rolled back, never committed.
-        """
-        try:
-            statements = duckdb.extract_statements(sql or "")
-        except duckdb.Error as exc:
-            raise ReadOnlyQueryError(f"The SQL does not parse: {exc}") from exc
-        if len(statements) != 1:
-            raise ReadOnlyQueryError(f"Give exactly one SELECT statement (got {len(statements)}).")
-        if statements[0].type != duckdb.StatementType.SELECT:
-            raise ReadOnlyQueryError(f"Only SELECT queries are allowed here, not "
-                                     f"{statements[0].type.name}: the SQL box is read-only.")
+    def copy_to(self, path: str | Path) -> int:
+        """Copy every table and view into a new DuckDB file at `path` (the SQL box's sandbox,
+        core/sqlbox.py) in one consistent read; returns the write generation the copy reflects."""
+        generation = self._generation
         cur = self._conn.cursor()
         try:
-            cur.execute("BEGIN TRANSACTION")
+            source = cur.execute("SELECT current_database()").fetchone()[0]
+            quoted = str(path).replace("'", "''")
+            cur.execute(f"ATTACH '{quoted}' AS sqlbox_copy")
             try:
-                result = cur.execute(sql)
-                names = [d[0] for d in result.description]
-                rows = result.fetchmany(limit)
-            except duckdb.Error as exc:
-                raise ReadOnlyQueryError(f"The query failed: {exc}") from exc
+                cur.execute(f'COPY FROM DATABASE "{source}" TO sqlbox_copy')
             finally:
-                cur.execute("ROLLBACK")
+                cur.execute("DETACH sqlbox_copy")
         finally:
             cur.close()
-        return names, rows
+        return generation
 
 
 def _json_or_null(value: Any) -> str | None:

@@ -1,12 +1,14 @@
 """What the Evaluate and Compare tabs read and write about evaluations: starting runs, their
 summaries and items, exports, run comparison, the study view, the read-only SQL box, and votes.
-The UI calls this; the SQL lives in core/store.py and the statistics in core/evalstats.py."""
+The UI calls this; the SQL lives in core/store.py, the SQL box's sandbox in core/sqlbox.py and the
+statistics in core/evalstats.py."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
 from core import config, evalstats
+from core.sqlbox import SqlBox, SqlResult
 from core.store import EXAMPLE_QUERIES, Store
 from core.systems import System
 from jobs.evaluate import EvalResources, EvalSpec, start_evaluation
@@ -18,6 +20,7 @@ class Evaluations:
                  adapter_rows: Callable[[], list[dict[str, Any]]]) -> None:
         self.store, self.runner, self.resources = store, runner, resources
         self._adapter_rows = adapter_rows
+        self.sql_box = SqlBox(store)
 
     def start(self, spec: EvalSpec) -> str:
         """Check the request, then start it as a background job; returns the run id."""
@@ -79,8 +82,9 @@ class Evaluations:
 
     example_queries = EXAMPLE_QUERIES
 
-    def sql(self, query: str) -> tuple[list[str], list[tuple]]:
-        return self.store.read_only_query(query)
+    def sql(self, query: str) -> SqlResult:
+        """A visitor's query, run in the sandbox (refusals raise core.sqlbox.ReadOnlyQueryError)."""
+        return self.sql_box.run(query)
 
     def record_vote(self, question: str, systems: list[System], answers: list[str], choice: str,
                     decoding: dict[str, Any], retrieved: list[dict[str, Any]]) -> str:

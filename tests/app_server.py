@@ -21,7 +21,7 @@ def free_port() -> int:
 
 @contextmanager
 def running_app(data_dir: Path, timeout: float = 180, env: dict[str, str] | None = None):
-    """`env`: extra environment variables for the app (e.g. core.testhooks' gate folder)."""
+    """The app's URL while it runs; `env` adds settings (e.g. SQL_TIMEOUT_S, a test-gate folder)."""
     port = free_port()
     env = {**os.environ, "DATA_DIR": str(data_dir), "GRADIO_SERVER_PORT": str(port),
            "GRADIO_SERVER_NAME": "127.0.0.1", **(env or {})}

@@ -223,8 +223,8 @@ def test_evaluation_run_summary_export_and_read_only_sql(client):
     assert "**done**" in state, state
     row = dict(zip(summary["headers"], summary["data"][0]))
     assert row["n"] == 2 and 1 <= row["mean"] <= 5
-    table = client.predict(f"SELECT avg(score) AS m, count(*) AS n FROM judgments "
-                           f"WHERE run_id = '{run_id}'", api_name="/sql")
+    table, _ = client.predict(f"SELECT avg(score) AS m, count(*) AS n FROM judgments "
+                              f"WHERE run_id = '{run_id}'", api_name="/sql")
     assert table["data"][0][1] == 2 and abs(table["data"][0][0] - row["mean"]) < 1e-3
     with pytest.raises(Exception, match="read-only"):
         client.predict("DELETE FROM judgments", api_name="/sql")

@@ -107,12 +107,14 @@ def build(services: Services) -> None:
             run_b = gr.Dropdown(runs_choices(services), label="Run B", allow_custom_value=True)
             compare_btn = gr.Button("Compare (B − A)")
         compared = gr.Dataframe(interactive=False)
-    with gr.Accordion("SQL (read-only)", open=False):
+    with gr.Accordion("SQL (read-only: the app's tables only, one SELECT, time and row limits)",
+                      open=False):
         queries = services.evaluations.example_queries
         example = gr.Dropdown(list(queries), label="Example queries")
         sql = gr.Code(language="sql", lines=4, value=queries["Runs with counts"])
         sql_btn = gr.Button("Run query")
         sql_result = gr.Dataframe(interactive=False, wrap=True)
+        sql_note = gr.Markdown()
 
     @user_errors
     def do_start(ds, n, sd, name, model_ref, pipe, max_tokens, chosen, jk, jm, ju, key, mets,
@@ -174,8 +176,8 @@ def build(services: Services) -> None:
 
     @user_errors
     def do_sql(query):
-        names, rows = services.evaluations.sql(query)
-        return pd.DataFrame(rows, columns=names)
+        result = services.evaluations.sql(query)
+        return pd.DataFrame(result.rows, columns=result.columns), result.note()
 
     @user_errors
     def do_cancel(run_id):
@@ -210,7 +212,7 @@ def build(services: Services) -> None:
                      api_name="export_eval")
     compare_btn.click(do_compare, inputs=[run_a, run_b], outputs=compared,
                       api_name="compare_runs")
-    sql_btn.click(do_sql, inputs=sql, outputs=sql_result, api_name="sql")
+    sql_btn.click(do_sql, inputs=sql, outputs=[sql_result, sql_note], api_name="sql")
     example.change(lambda name: queries.get(name, ""), inputs=example, outputs=sql,
                    api_name=False)
     study_btn.click(study, outputs=[study_chart, study_table], api_name="study_view")
