@@ -34,6 +34,7 @@ from typing import Any
 
 from core import config
 from core.datasets import DatasetError
+from core.names import check_name, inside
 from core.schema import InputError
 from jobs.finetune_data import (
     Encoded, FinetuneError, FinetuneSpec, TrainData, build_parser, collate, n_logits, plan_epoch,
@@ -53,7 +54,8 @@ def finetune_argv(spec: dict[str, Any], resume: bool) -> list[str]:
 
 
 def adapter_dir(name: str) -> Path:
-    return config.subdir("adapters") / name
+    """The folder of the adapter this app trains under `name` (resolved; never outside adapters/)."""
+    return inside(config.subdir("adapters"), check_name(name, "Adapter name"))
 
 
 # ---------------------------------------------------------------- model

@@ -7,7 +7,7 @@ import pandas as pd
 from core import config
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
-from ui.common import fmt_seconds, user_errors
+from ui.common import START_JOB, fmt_seconds, user_errors, visitor
 
 FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
         "lora_alpha", "lora_dropout", "target_modules", "qlora", "epochs", "lr", "lr_schedule",
@@ -130,9 +130,9 @@ def build(services: Services) -> None:
     details = gr.JSON(label="Spec and metrics")
 
     @user_errors
-    def do_start(*values):
+    def do_start(*values, request: gr.Request):
         spec = spec_from_form(values)
-        jid = services.adapters.train(spec)
+        jid = services.adapters.train(spec, visitor(request))
         return jid, f"Started `{jid}` → adapter **{spec.output_name}**."
 
     def poll(jid):
@@ -140,31 +140,34 @@ def build(services: Services) -> None:
         if not jid:
             return gr.update(), gr.update()
         try:
-            job = services.runner.get(jid)
-        except ValueError:
-            return f"No job `{jid}`.", gr.update()
+            job = services.jobs.get(jid)
+        except ValueError as exc:  # a malformed or unknown id: said in the status, not a popup
+            return str(exc), gr.update()
         eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
         text = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"
         if job["error"]:
             text += f"\n\n{job['error']}"
-        return text, loss_frame(services.runner.metrics(jid))
+        return text, loss_frame(services.jobs.metrics(jid))
 
     @user_errors
     def do_cancel(jid):
-        services.runner.cancel((jid or "").strip())
+        services.jobs.cancel(jid or "")
         return "Cancel requested; the last checkpoint is kept for a resume."
 
     @user_errors
-    def do_resume(jid):
-        services.runner.resume((jid or "").strip())
+    def do_resume(jid, request: gr.Request):
+        services.jobs.resume(jid or "", visitor(request))
         return "Resuming from the last checkpoint."
 
     def adapter_choices():
         return gr.update(choices=[a["name"] for a in services.adapters.rows()])
 
+    @user_errors
     def show_adapter(name):
-        row = next((a for a in services.adapters.rows() if a["name"] == name), None)
-        return {"spec": row["spec"], "metrics": row["metrics"], "folder": row["path"]} if row else None
+        if not name:
+            return None
+        row = services.adapters.get(name)
+        return {"spec": row["spec"], "metrics": row["metrics"], "folder": row["path"]}
 
     @user_errors
     def do_rename(old, new):
@@ -191,7 +194,8 @@ def build(services: Services) -> None:
 
     cpu.click(lambda: form_values(FinetuneSpec.cpu_preset()), outputs=form, api_name=False)
     study.click(lambda: form_values(FinetuneSpec()), outputs=form, api_name=False)
-    start.click(do_start, inputs=form, outputs=[job_id, status], api_name="start_finetune")
+    start.click(do_start, inputs=form, outputs=[job_id, status], api_name="start_finetune",
+                **START_JOB)
     cancel.click(do_cancel, inputs=job_id, outputs=status, api_name="cancel_finetune")
     resume.click(do_resume, inputs=job_id, outputs=status, api_name="resume_finetune")
     job_id.change(poll, inputs=job_id, outputs=[status, chart], api_name="finetune_status")

@@ -11,7 +11,7 @@ from jobs.services import Services
 from pipelines import spec as pspec
 from pipelines.graph import pipeline_mermaid
 from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
-from ui.common import fmt_seconds, user_errors
+from ui.common import INDEX, STATS, fmt_seconds, user_errors, visitor
 from ui.tables import CHUNK_COLUMNS, chunks_table
 
 QUALITY_KS = (1, 3, 5, 10)
@@ -75,12 +75,12 @@ def build(services: Services) -> None:
             ranker=(rk or "").strip() or None, prompt_template=tpl)
 
     @user_errors
-    def do_build(ds_id, uploaded, *values, progress=gr.Progress()):
+    def do_build(ds_id, uploaded, *values, request: gr.Request, progress=gr.Progress()):
         spec = make_spec(*values)
         paths = [f if isinstance(f, str) else f.name for f in (uploaded or [])]
-        jid = services.indexes.start(spec, ds_id, paths)
+        jid = services.indexes.start(spec, ds_id, paths, visitor(request))
         while True:
-            job = services.runner.get(jid)
+            job = services.jobs.get(jid)
             progress(job["progress"], desc=job["message"] or job["status"])
             if job["status"] in ("done", "failed", "cancelled"):
                 break
@@ -101,7 +101,7 @@ def build(services: Services) -> None:
     def do_cancel(jid):
         if not jid:
             raise gr.Error("No indexing job is running from this page.")
-        services.runner.cancel(jid)
+        services.jobs.cancel(jid)
         return "Cancel requested."
 
     @user_errors
@@ -137,13 +137,13 @@ def build(services: Services) -> None:
         return gr.update(choices=services.indexes.names(), value=None), f"Deleted `{pipeline_name}`."
 
     build_btn.click(do_build, inputs=[dataset, files, *spec_inputs],
-                    outputs=[job_id, build_status, saved, graph], api_name="build_index")
+                    outputs=[job_id, build_status, saved, graph], api_name="build_index", **INDEX)
     cancel_btn.click(do_cancel, inputs=job_id, outputs=build_status, api_name="cancel_index")
     retrieve_btn.click(do_retrieve, inputs=[question, *spec_inputs], outputs=chunks,
                        api_name="retrieve")
     question.submit(do_retrieve, inputs=[question, *spec_inputs], outputs=chunks, api_name=False)
     quality_btn.click(do_quality, inputs=[dataset, *spec_inputs], outputs=[quality, quality_plot],
-                      api_name="retrieval_quality")
+                      api_name="retrieval_quality", **STATS)
     load_btn.click(do_load, inputs=saved, outputs=[*spec_inputs, graph], api_name="load_pipeline")
     delete_btn.click(do_delete, inputs=saved, outputs=[saved, build_status],
                      api_name="delete_pipeline")
