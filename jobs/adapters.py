@@ -52,10 +52,7 @@ class AdapterCatalog:
     def train(self, spec: FinetuneSpec, visitor: str | None = None) -> str:
         """Start a fine-tune on the dataset's recorded split, within the job caps (`visitor`: the
         Gradio session asking); returns the job id."""
-        if config.PUBLIC_MODE and spec.is_file:
-            raise InputError(f"This public server fine-tunes on the presets ({', '.join(PRESETS)}) "
-                             f"only, not on a server file ('{spec.dataset}').")
-        spec = self.training_spec(spec)
+        spec = self.training_spec(spec)  # checks it can run here (public mode: presets only)
         return self.jobs.admit(KIND, visitor, lambda: self.jobs.runner.start(KIND, spec.to_dict()))
 
     def rows(self) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ from core.names import InvalidNameError, check_hub_id, check_id, new_id
 from core.store import Store
 from jobs.desk import JobLimitError
 from jobs.finetune import _SUMMARY
-from jobs.finetune_data import FinetuneSpec
+from jobs.finetune_data import FinetuneError, FinetuneSpec
 from jobs.runner import JobError, JobKind
 from jobs.services import build_services
 from ui.common import user_errors
@@ -127,7 +127,8 @@ def test_public_mode_trains_on_presets_only(data_dir, monkeypatch, tmp_path):
     services = services_for(data_dir, monkeypatch, public=True, max_running=3)
     upload = tmp_path / "mine.jsonl"
     upload.write_text('{"question": "q", "answer": "a"}\n')
-    with pytest.raises(ValueError, match=r"fine-tunes on the presets \(bioasq, qasper, nq\) only"):
+    with pytest.raises(FinetuneError, match=r"fine-tunes on the presets \(bioasq, qasper, nq\) "
+                                            "only, not on a file on the server"):
         services.adapters.train(FinetuneSpec(dataset=str(upload)), visitor="v1")
 
 
@@ -211,3 +212,10 @@ def test_a_bug_shows_one_line_and_logs_the_traceback(caplog):
     assert error.levelname == "ERROR" and error.exc_info[0] is KeyError
     assert "/srv/secret/path" in caplog.text and "Traceback" in caplog.text
     assert info.levelname == "INFO" and re.search(r"refused refusing: Adapter name", info.message)
+
+
+@pytest.mark.parametrize("path", ["x" * 300, "a\x00b", "../missing.jsonl"])
+def test_a_dataset_path_the_file_system_cannot_take_is_refused_not_a_crash(monkeypatch, path):
+    monkeypatch.setattr(config, "PUBLIC_MODE", False)
+    with pytest.raises(FinetuneError, match="is neither a preset .* nor an existing file"):
+        FinetuneSpec(dataset=path).check_runnable()

@@ -130,7 +130,7 @@ def build(services: Services) -> None:
     details = gr.JSON(label="Spec and metrics")
 
     @user_errors
-    def do_start(*values, request: gr.Request):
+    def do_start(request: gr.Request, *values):  # Gradio passes the request positionally
         spec = spec_from_form(values)
         jid = services.adapters.train(spec, visitor(request))
         return jid, f"Started `{jid}` → adapter **{spec.output_name}**."

@@ -75,7 +75,7 @@ def build(services: Services) -> None:
             ranker=(rk or "").strip() or None, prompt_template=tpl)
 
     @user_errors
-    def do_build(ds_id, uploaded, *values, request: gr.Request, progress=gr.Progress()):
+    def do_build(request: gr.Request, ds_id, uploaded, *values, progress=gr.Progress()):
         spec = make_spec(*values)
         paths = [f if isinstance(f, str) else f.name for f in (uploaded or [])]
         jid = services.indexes.start(spec, ds_id, paths, visitor(request))
