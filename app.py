@@ -1,8 +1,12 @@
 """Entry point (Hugging Face Spaces runs this file): build the tabs and launch."""
 from __future__ import annotations
 
+import logging
+import os
+
 import gradio as gr
 
+from core import config
 from jobs.services import Services, build_services
 from ui import compare_tab, data_tab, evaluate_tab, finetune_tab, jobs_panel, rag_tab
 
@@ -33,6 +37,18 @@ def build_app(services: Services) -> gr.Blocks:
     return demo
 
 
+def configure_logging() -> None:
+    """Server-side log on stderr at LOG_LEVEL (default INFO): refusals, jobs, tracebacks."""
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 if __name__ == "__main__":
+    configure_logging()
+    logging.getLogger(__name__).info("starting (public mode: %s)", config.PUBLIC_MODE)
     # Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860).
-    build_app(build_services()).queue(default_concurrency_limit=8).launch()
+    # Heavy events carry their own concurrency limits (ui.common); a full queue is refused with
+    # Gradio's own message, and uploads above MAX_UPLOAD_MB never reach a handler.
+    build_app(build_services()).queue(
+        default_concurrency_limit=8, max_size=64 if config.PUBLIC_MODE else None,
+    ).launch(max_file_size=config.MAX_UPLOAD_BYTES)

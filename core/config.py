@@ -48,10 +48,23 @@ def allowed_models(env: Mapping[str, str] = os.environ) -> tuple[str, ...]:
     return tuple(dict.fromkeys(r.strip() for r in env.get("ALLOWED_MODELS", "").split(",") if r.strip()))
 
 
+def max_running_jobs(env: Mapping[str, str] = os.environ) -> int | None:
+    """MAX_RUNNING_JOBS: how many visitor-started jobs may be queued or running at once; default 3
+    in public mode, no cap locally (None)."""
+    value = env.get("MAX_RUNNING_JOBS", "").strip()
+    if not value:
+        return 3 if public_mode(env) else None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"MAX_RUNNING_JOBS must be a whole number of at least 1, not '{value}'.")
+    return int(value)
+
+
 # On a shared server anyone can name a model: only allowed refs load, and at most this many at once.
+# Visitors share the machine too: a cap on running jobs, one fine-tune per visitor session.
 PUBLIC_MODE = public_mode()
 MAX_LOADED_MODELS = max_loaded_models()
 ALLOWED_MODELS = allowed_models()
+MAX_RUNNING_JOBS = max_running_jobs()
 
 
 def data_dir() -> Path:

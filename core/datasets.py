@@ -9,12 +9,12 @@ import csv
 import hashlib
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from core import config
+from core.names import check_hub_id
 from core.dataset_presets import PRESETS, Parsed, Preset, PresetPart
 from core.schema import Passage, QAExample, split_of
 
@@ -22,7 +22,6 @@ __all__ = ["DatasetError", "ColumnMapping", "QADataset", "PRESETS", "Preset", "l
            "load_upload", "UPLOAD_EXTENSIONS"]
 
 UPLOAD_EXTENSIONS = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PREVIEW_CHARS = 200
 
 
@@ -160,12 +159,18 @@ def _sample_dataset(preset: Preset, part: PresetPart) -> Any:
 def load_hub(hub_id: str, mapping: ColumnMapping, config: str | None = None, split: str = "train",
              limit: int | None = None) -> QADataset:
     """Any hub dataset, its columns named by `mapping`; the corpus is the unique contexts."""
-    hub_id = hub_id.strip()
-    if not _HUB_ID.match(hub_id):
-        raise DatasetError(f"'{hub_id}' is not a hub dataset id; ids look like owner/name.")
+    hub_id = check_hub_id(hub_id, "Dataset id", DatasetError)
+    _refuse_local_folder(hub_id)
     _check_limit(limit)
     dataset = _hub_dataset(hub_id, config, split, "Check the id, or download the file and upload it.")
     return _from_rows(hub_id, f"hub:{hub_id}", dataset, list(dataset.column_names), mapping, limit)
+
+
+def _refuse_local_folder(hub_id: str) -> None:
+    """`datasets` reads a local folder of that name first: a visitor must not get server files."""
+    if config.PUBLIC_MODE and Path(hub_id).exists():
+        raise DatasetError(f"'{hub_id}' also names a folder on this server; this public server "
+                           "loads datasets from the Hugging Face Hub only.")
 
 
 def _hub_dataset(hub_id: str, config_name: str | None, split: str, hint: str) -> Any:

@@ -19,7 +19,7 @@ from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core import config
-from core.names import check_name
+from core.names import check_hub_id, check_name
 from core.schema import InputError
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -147,9 +147,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def adapter_folder(source: str) -> Path:
-    """A local LoRA folder, or a hub adapter downloaded (safetensors and config only)."""
+    """A local LoRA folder, or a hub adapter downloaded (safetensors and config only). In public
+    mode only a Hub id, checked before the file system is touched: no visitor loads, or probes
+    for, a server folder."""
+    if config.PUBLIC_MODE:
+        check_hub_id(source, "Adapter source", AdapterError)
     folder = Path(source).expanduser()
-    if not folder.is_dir():
+    if config.PUBLIC_MODE or not folder.is_dir():
         from huggingface_hub import snapshot_download
 
         try:

@@ -19,6 +19,7 @@ was evicted and reloaded: a long evaluation survives a visitor loading other mod
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from core.model_files import (AdapterError, ModelNotFoundError, ResolvedModel, U
                               model_path, resolve)
 from core.scoring import NextTokenQuery, TokenScores
 from core.systems import BASE
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,6 +147,7 @@ class ModelHub:
             entry = self._touch(resolved.path)  # another thread may have loaded it meanwhile
             if entry is None:
                 self._make_room()
+                logger.info("loading model %s", ref)
                 entry = _load_model(resolved)
                 with self._lock:
                     self._models[resolved.path] = entry
@@ -173,6 +177,8 @@ class ModelHub:
                 victim = candidates[0]
                 victim.lock.acquire()
             try:
+                logger.info("unloading model %s (MAX_LOADED_MODELS %d)", victim.resolved.ref,
+                            self._max_loaded)
                 self._forget(victim)
             finally:
                 victim.lock.release()

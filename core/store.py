@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import threading
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Any, Iterable, Iterator
 import duckdb
 
 from core import config
+from core.names import inside, new_id
 from core.schema import DEFAULT_SPLIT, QAExample, SplitSetting
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -46,8 +46,6 @@ class StoreLockedError(RuntimeError):
     """Another process holds the database file read-write."""
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def now() -> datetime:
@@ -437,7 +435,7 @@ class Store:
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for table in ("answers", "judgments"):
-            path = folder / f"{run_id}_{table}.{fmt}"
+            path = inside(folder, f"{run_id}_{table}.{fmt}")
             relation = self._cursor().sql(
                 f"SELECT * FROM {table} WHERE run_id = ? ORDER BY ALL", params=[run_id])
             (relation.write_csv if fmt == "csv" else relation.write_parquet)(str(path))

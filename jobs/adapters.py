@@ -1,8 +1,13 @@
 """The LoRA adapters this app knows: trained here, loaded from a folder or the Hub; their records,
-folders, and what they were trained on (for the evaluation's leakage check)."""
+folders, and what they were trained on (for the evaluation's leakage check).
+
+Every adapter name from a request passes core.names.check_name before a row or a folder is
+touched, and every folder built from one goes through inside(): renaming to "../x" or exporting
+"../x" is refused, never done."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import zipfile
@@ -13,11 +18,14 @@ from core import config
 from core.model_files import AdapterError
 from core.models import ModelHub
 from core.dataset_presets import PRESETS
+from core.names import check_hub_id, check_name, inside
 from core.schema import InputError, SplitSetting
 from core.store import Store
+from jobs.desk import JobDesk
 from jobs.finetune import adapter_dir, result_of
 from jobs.finetune_data import FinetuneSpec
-from jobs.runner import JobRunner
+
+logger = logging.getLogger(__name__)
 
 
 KIND = "finetune"
@@ -31,19 +39,21 @@ def dataset_id_of(spec: FinetuneSpec) -> str:
 
 
 class AdapterCatalog:
-    def __init__(self, store: Store, hub: ModelHub, runner: JobRunner,
+    def __init__(self, store: Store, hub: ModelHub, jobs: JobDesk,
                  split_of: Callable[[str], SplitSetting]) -> None:
         """`split_of(dataset_id)` is the dataset's one split setting (the datasets catalog)."""
-        self.store, self.hub, self.runner, self._split_of = store, hub, runner, split_of
+        self.store, self.hub, self.jobs, self._split_of = store, hub, jobs, split_of
 
     def training_spec(self, spec: FinetuneSpec) -> FinetuneSpec:
         """The spec with its dataset's recorded split (one split for fine-tuning and evaluation)."""
         split = self._split_of(dataset_id_of(spec))
         return spec.replace(split_seed=split.seed, eval_fraction=split.eval_fraction).check_runnable()
 
-    def train(self, spec: FinetuneSpec) -> str:
-        """Start a fine-tune on the dataset's recorded split; returns the job id."""
-        return self.runner.start(KIND, self.training_spec(spec).to_dict())
+    def train(self, spec: FinetuneSpec, visitor: str | None = None) -> str:
+        """Start a fine-tune on the dataset's recorded split, within the job caps (`visitor`: the
+        Gradio session asking); returns the job id."""
+        spec = self.training_spec(spec)  # checks it can run here (public mode: presets only)
+        return self.jobs.admit(KIND, visitor, lambda: self.jobs.runner.start(KIND, spec.to_dict()))
 
     def rows(self) -> list[dict[str, Any]]:
         return self.store.list_adapters()
@@ -55,6 +65,8 @@ class AdapterCatalog:
         return sorted(set(self.paths()) | set(self.hub.list_adapters(model_ref)))
 
     def get(self, name: str) -> dict[str, Any]:
+        """The adapter's row; AdapterError for a name that breaks the rule or is unknown."""
+        check_name(name, "Adapter name", AdapterError)
         row = next((r for r in self.store.list_adapters() if r["name"] == name), None)
         if row is None:
             raise AdapterError(f"No adapter named '{name}'.")
@@ -94,32 +106,39 @@ class AdapterCatalog:
         if not source:
             raise InputError("Give an adapter folder or a Hub id (owner/name).")
         name = self.hub.load_adapter(base_model, source, (name or "").strip() or None)
-        path = Path(source) if Path(source).is_dir() else None
+        path = Path(source) if not config.PUBLIC_MODE and Path(source).is_dir() else None
         self.store.upsert_adapter(name, base_model, str(path or source))
         return name
 
     def rename(self, old: str, new: str) -> None:
         row = self.get(old)
-        new = (new or "").strip()
-        if not new or new == old or any(r["name"] == new for r in self.store.list_adapters()):
+        new = check_name((new or "").strip(), "New adapter name", AdapterError)
+        if new == old or any(r["name"] == new for r in self.store.list_adapters()):
             raise AdapterError(f"Choose a new, unused adapter name (not '{new}').")
         path = Path(row["path"])
-        if path.parent == adapter_dir(old).parent:  # ours: the folder follows the name
+        if self._ours(path, old):  # the folder follows the name
             path = path.rename(adapter_dir(new))
         self.store.rename_adapter(old, new, str(path))
+        logger.info("renamed adapter %s to %s", old, new)
 
     def delete(self, name: str) -> None:
         path = Path(self.get(name)["path"])
         self.store.delete_adapter(name)
-        if path.parent == adapter_dir(name).parent:
+        if self._ours(path, name):
             shutil.rmtree(path, ignore_errors=True)
+        logger.info("deleted adapter %s", name)
+
+    @staticmethod
+    def _ours(path: Path, name: str) -> bool:
+        """The folder is the one this app trained under that name (not an imported one)."""
+        return path.resolve() == adapter_dir(name)
 
     def zip(self, name: str) -> Path:
         """The adapter folder as a zip (weights, config, spec, metrics; no checkpoints)."""
         folder = Path(self.get(name)["path"])
         if not folder.is_dir():
             raise AdapterError(f"The folder of adapter '{name}' is gone ({folder}).")
-        out = config.subdir("exports") / f"{name}.zip"
+        out = inside(config.subdir("exports"), f"{name}.zip")
         with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
             for path in sorted(folder.rglob("*")):
                 if path.is_file() and "checkpoints" not in path.relative_to(folder).parts:
@@ -134,9 +153,8 @@ class AdapterCatalog:
         if not token:
             raise InputError("Pushing needs a Hugging Face token: set HF_TOKEN or paste one "
                              "(used for this request only, never stored).")
-        if not (repo_id or "").strip() or "/" not in repo_id:
-            raise InputError("Give the target repo as owner/name.")
         folder = Path(self.get(name)["path"])
+        repo_id = check_hub_id(repo_id or "", "Target repo", InputError)
         try:
             api = HfApi(token=token)
             api.create_repo(repo_id.strip(), exist_ok=True)

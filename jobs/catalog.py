@@ -6,11 +6,14 @@ which examples are eval examples.
 """
 from __future__ import annotations
 
+import logging
 import threading
 
 from core.datasets import QADataset, load_preset
 from core.schema import DEFAULT_SPLIT, InputError, QAExample, SplitSetting, split_of
 from core.store import Store
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_IDS = tuple(f"sample:{name}" for name in ("bioasq", "qasper", "nq"))
 
@@ -34,6 +37,7 @@ class DatasetCatalog:
         self.store.save_dataset(dataset_id, ds.name, ds.source, rows, len(ds.corpus), split)
         with self._lock:
             self._loaded[dataset_id] = ds
+        logger.info("recorded dataset %s (%d examples)", dataset_id, len(rows))
         return dataset_id
 
     def ids(self) -> list[str]:

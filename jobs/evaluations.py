@@ -1,37 +1,41 @@
 """What the Evaluate and Compare tabs read and write about evaluations: starting runs, their
 summaries and items, exports, run comparison, the study view, the read-only SQL box, and votes.
 The UI calls this; the SQL lives in core/store.py, the SQL box's sandbox in core/sqlbox.py and the
-statistics in core/evalstats.py."""
+statistics in core/evalstats.py. Run ids from a request are checked (core.names.check_id) before any
+query or export file uses them."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
 from core import config, evalstats
+from core.names import check_id
 from core.sqlbox import SqlBox, SqlResult
 from core.store import EXAMPLE_QUERIES, Store
 from core.systems import System
-from jobs.evaluate import EvalResources, EvalSpec, start_evaluation
-from jobs.runner import JobRunner
+from jobs.desk import JobDesk
+from jobs.evaluate import KIND, EvalResources, EvalSpec, start_evaluation
 
 
 class Evaluations:
-    def __init__(self, store: Store, runner: JobRunner, resources: EvalResources,
+    def __init__(self, store: Store, jobs: JobDesk, resources: EvalResources,
                  adapter_rows: Callable[[], list[dict[str, Any]]]) -> None:
-        self.store, self.runner, self.resources = store, runner, resources
+        self.store, self.jobs, self.resources = store, jobs, resources
         self._adapter_rows = adapter_rows
         self.sql_box = SqlBox(store)
 
-    def start(self, spec: EvalSpec) -> str:
-        """Check the request, then start it as a background job; returns the run id."""
-        return start_evaluation(self.resources, self.runner, spec)
+    def start(self, spec: EvalSpec, visitor: str | None = None) -> str:
+        """Check the request, then start it as a background job within the job caps (`visitor`:
+        the Gradio session asking); returns the run id."""
+        return self.jobs.admit(KIND, visitor,
+                               lambda: start_evaluation(self.resources, self.jobs.runner, spec))
 
     def runs(self) -> list[dict[str, Any]]:
         return self.store.list_eval_runs()
 
     def started(self, run_id: str) -> bool:
         """A queued run has a job but no run row yet."""
-        return self.store.get_eval_run(run_id) is not None
+        return self.store.get_eval_run(check_id(run_id, "Run id")) is not None
 
     def summary(self, run_id: str, n_boot: int = evalstats.N_BOOTSTRAP) -> list[dict[str, Any]]:
         return evalstats.summarize_run(self.store, run_id, n_boot=n_boot) if self.started(run_id) else []
@@ -41,7 +45,7 @@ class Evaluations:
 
     def item(self, run_id: str, example_id: str, system_id: str, metric: str) -> dict[str, Any]:
         """One item's answer and every judgment of it on one metric (replies, scores, reasoning)."""
-        rows = self.store.eval_items(run_id, system_id, metric)
+        rows = self.store.eval_items(check_id(run_id, "Run id"), system_id, metric)
         row = next((r for r in rows if r["example_id"] == example_id), None)
         if row is None:
             raise ValueError(f"Run '{run_id}' has no judged item '{example_id}' for that system.")
@@ -57,10 +61,11 @@ class Evaluations:
                                                  "parse_failures")} for j in judgments]}
 
     def export(self, run_id: str, fmt: str) -> list[Path]:
-        return self.store.export_eval_run(run_id, config.subdir("exports"), fmt)
+        return self.store.export_eval_run(check_id(run_id, "Run id"), config.subdir("exports"), fmt)
 
     def compare(self, run_a: str, run_b: str, n_boot: int = evalstats.N_BOOTSTRAP) -> list[dict[str, Any]]:
-        return evalstats.compare_runs(self.store, run_a, run_b, n_boot=n_boot)
+        return evalstats.compare_runs(self.store, check_id(run_a, "Run A"), check_id(run_b, "Run B"),
+                                      n_boot=n_boot)
 
     def study_rows(self, n_boot: int = 200) -> list[dict[str, Any]]:
         """Mean score per run, system and metric, labelled like the study's figures: dataset and

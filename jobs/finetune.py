@@ -34,6 +34,7 @@ from typing import Any
 
 from core import config
 from core.datasets import DatasetError
+from core.names import check_name, inside
 from core.schema import InputError
 from core.testhooks import gate
 from jobs.finetune_data import (
@@ -54,7 +55,8 @@ def finetune_argv(spec: dict[str, Any], resume: bool) -> list[str]:
 
 
 def adapter_dir(name: str) -> Path:
-    return config.subdir("adapters") / name
+    """The folder of the adapter this app trains under `name` (resolved; never outside adapters/)."""
+    return inside(config.subdir("adapters"), check_name(name, "Adapter name"))
 
 
 # ---------------------------------------------------------------- model

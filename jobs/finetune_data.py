@@ -128,13 +128,24 @@ class FinetuneSpec(Spec):
 
     def check_runnable(self) -> "FinetuneSpec":
         """What depends on this machine, checked right before training (not when a stored spec is
-        read back): the dataset file still exists, and QLoRA has CUDA and bitsandbytes."""
-        if self.is_file and not Path(self.dataset).is_file():
+        read back): the dataset file still exists, and QLoRA has CUDA and bitsandbytes. A public
+        server trains on the presets only: a visitor's path is refused before it is looked at."""
+        if self.is_file and config.PUBLIC_MODE:
+            raise FinetuneError(f"This public server fine-tunes on the presets ({', '.join(PRESETS)}) "
+                                "only, not on a file on the server.")
+        if self.is_file and not _exists(self.dataset):
             raise FinetuneError(f"Dataset '{self.dataset}' is neither a preset ({', '.join(PRESETS)}) "
                                 "nor an existing file.")
         if self.qlora:
             check_qlora_possible()
         return self
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
 
 
 def check_qlora_possible() -> None:

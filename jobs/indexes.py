@@ -2,6 +2,7 @@
 process (one per pipeline, shared by the RAG tab, Compare and evaluations)."""
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -10,19 +11,22 @@ from typing import Any, Callable
 from core.schema import InputError, Passage
 from core.testhooks import gate
 from core.store import Store
-from jobs.runner import JobContext, JobRunner, job_dir
+from jobs.desk import JobDesk
+from jobs.runner import JobContext, job_dir
 from pipelines import indexing, spec as pspec
 from pipelines.corpus import passages_from_files
 from pipelines.query import pipeline_yaml
 
 KIND = "index"
 
+logger = logging.getLogger(__name__)
+
 
 class IndexCatalog:
-    def __init__(self, store: Store, runner: JobRunner,
+    def __init__(self, store: Store, jobs: JobDesk,
                  corpus: Callable[[str], list[Passage]]) -> None:
         """`corpus(dataset_id)` gives a dataset's passages (the datasets catalog)."""
-        self.store, self.runner, self._corpus = store, runner, corpus
+        self.store, self.jobs, self._corpus = store, jobs, corpus
         self._handles: dict[str, indexing.DocumentStoreHandle] = {}
         self._lock = threading.Lock()
 
@@ -30,13 +34,16 @@ class IndexCatalog:
         return pspec.list_specs()
 
     def start(self, spec: pspec.PipelineSpec, dataset_id: str | None,
-              files: list[str] | None) -> str:
-        """Check the request, then build the index as a background job; returns the job id."""
+              files: list[str] | None, visitor: str | None = None) -> str:
+        """Check the request, then build the index as a background job within the job caps
+        (`visitor`: the Gradio session asking); returns the job id."""
         if not dataset_id and not files:
             raise InputError("Choose a dataset's passages or upload files to index.")
+        if not files:
+            self._corpus(dataset_id)  # an unknown dataset id is refused here, not in the job
         job_spec = {"pipeline": spec.to_dict(), "dataset_id": None if files else dataset_id,
                     "files": [str(p) for p in files or []]}
-        return self.runner.start(KIND, job_spec)
+        return self.jobs.admit(KIND, visitor, lambda: self.jobs.runner.start(KIND, job_spec))
 
     def run_job(self, ctx: JobContext) -> dict[str, Any]:
         """The runner's entry point for kind "index"."""
@@ -67,6 +74,7 @@ class IndexCatalog:
             old.release()
         ctx.log(f"{handle.n_documents} chunks from {handle.n_passages} passages "
                 f"in {handle.seconds:.1f} s")
+        logger.info("built index %s: %d chunks", spec.name, handle.n_documents)
         return {"pipeline": spec.name, "passages": handle.n_passages,
                 "chunks": handle.n_documents, "seconds": round(handle.seconds, 2),
                 "dataset_id": ctx.spec.get("dataset_id")}

@@ -12,6 +12,7 @@ from core.store import Store, get_store
 from jobs import evaluate, finetune
 from jobs.adapters import KIND as FINETUNE_KIND, AdapterCatalog
 from jobs.catalog import DatasetCatalog
+from jobs.desk import JobDesk
 from jobs.evaluations import Evaluations
 from jobs.indexes import KIND as INDEX_KIND, IndexCatalog
 from jobs.runner import JobContext, JobKind, JobRunner
@@ -23,6 +24,7 @@ MAX_CONCURRENT_JOBS = 2
 class Services:
     store: Store
     runner: JobRunner
+    jobs: JobDesk
     hub: ModelHub
     datasets: DatasetCatalog
     adapters: AdapterCatalog
@@ -45,13 +47,16 @@ def build_services(warm_up: bool = True, store: Store | None = None) -> Services
     store = store or get_store()
     hub = get_hub()
     runner = JobRunner(store, kinds={}, max_concurrent=MAX_CONCURRENT_JOBS)
+    # Public mode: at most MAX_RUNNING_JOBS visitor jobs, one fine-tune per visitor session.
+    jobs = JobDesk(runner, config.MAX_RUNNING_JOBS,
+                   frozenset({FINETUNE_KIND}) if config.PUBLIC_MODE else frozenset())
     datasets = DatasetCatalog(store)
-    adapters = AdapterCatalog(store, hub, runner, split_of=datasets.split)
-    indexes = IndexCatalog(store, runner, corpus=lambda dataset_id: datasets.get(dataset_id).corpus)
+    adapters = AdapterCatalog(store, hub, jobs, split_of=datasets.split)
+    indexes = IndexCatalog(store, jobs, corpus=lambda dataset_id: datasets.get(dataset_id).corpus)
     resources = evaluate.EvalResources(store=store, hub=hub, eval_examples=datasets.eval_examples,
                                        index=indexes.get, adapter_paths=adapters.paths,
                                        training_ids=adapters.training_ids)
-    evaluations = Evaluations(store, runner, resources, adapter_rows=adapters.rows)
+    evaluations = Evaluations(store, jobs, resources, adapter_rows=adapters.rows)
     runner.register("prepare", JobKind(thread=prepare_models(hub)))
     runner.register(INDEX_KIND, JobKind(thread=indexes.run_job))
     runner.register(FINETUNE_KIND, JobKind(argv=finetune.finetune_argv, on_done=adapters.record))
@@ -59,4 +64,4 @@ def build_services(warm_up: bool = True, store: Store | None = None) -> Services
     adapters.sync()
     if warm_up:
         runner.start("prepare", {"model": config.DEFAULT_CHAT_MODEL})
-    return Services(store, runner, hub, datasets, adapters, indexes, evaluations)
+    return Services(store, runner, jobs, hub, datasets, adapters, indexes, evaluations)

@@ -4,33 +4,65 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from typing import Any, Callable
 
 import gradio as gr
 
-from jobs.runner import JobError, JobRunner
+from core.names import InvalidNameError
+from jobs.desk import JobDesk
+from jobs.runner import JobError
+
+logger = logging.getLogger(__name__)
+
+BUG_MESSAGE = "Something went wrong on the server ({}); the details are in its log."
+
+# Gradio queue limits for the heavy events, each group sharing one limit (concurrency_id): model
+# generation, index builds, statistics and job starts. Every other event gets the app's default.
+GENERATE = {"concurrency_id": "generate", "concurrency_limit": 2}
+INDEX = {"concurrency_id": "index", "concurrency_limit": 1}
+STATS = {"concurrency_id": "stats", "concurrency_limit": 2}
+START_JOB = {"concurrency_id": "start_job", "concurrency_limit": 1}
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Show ValueError subclasses (our user-facing errors) as a Gradio error message.
-
-    Anything else is a bug and keeps its traceback in the server log."""
+    """Show errors as one-line Gradio messages. ValueError subclasses are our user-facing errors:
+    their sentence is shown and the refusal logged at INFO. Anything else is a bug: the visitor
+    sees its type only (no paths, no traceback) and the traceback goes to the server log."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args: Any, **kwargs: Any):
             try:
                 yield from fn(*args, **kwargs)
-            except ValueError as exc:
-                raise gr.Error(str(exc)) from exc
+            except gr.Error:
+                raise
+            except Exception as exc:
+                raise _shown(fn, exc) from exc
         return gen_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any):
         try:
             return fn(*args, **kwargs)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
+        except gr.Error:
+            raise
+        except Exception as exc:
+            raise _shown(fn, exc) from exc
     return wrapper
+
+
+def _shown(fn: Callable[..., Any], exc: Exception) -> gr.Error:
+    if isinstance(exc, ValueError):
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.info("refused %s: %s", fn.__name__, message)
+        return gr.Error(message)
+    logger.exception("%s failed", fn.__name__)
+    return gr.Error(BUG_MESSAGE.format(type(exc).__name__))
+
+
+def visitor(request: gr.Request | None) -> str | None:
+    """The visitor's Gradio session (the key of the per-visitor job cap); None outside a request."""
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -40,12 +72,12 @@ def fmt_seconds(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def job_status(runner: JobRunner, job_id: str) -> tuple[dict[str, Any] | None, str]:
+def job_status(jobs: JobDesk, job_id: str) -> tuple[dict[str, Any] | None, str]:
     """A job's record and the line a tab's poll shows (status, progress, message, ETA, then the
-    error); (None, a message) for an unknown id."""
+    error); (None, a message) for an unknown or malformed id."""
     try:
-        job = runner.get(job_id)
-    except JobError:
+        job = jobs.get(job_id)
+    except (JobError, InvalidNameError):
         return None, f"No job `{job_id}`."
     eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
     text = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"

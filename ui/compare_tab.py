@@ -9,7 +9,7 @@ from core.systems import BASE
 from jobs.services import Services
 from core.systems import System
 from pipelines.compare import MAX_SYSTEMS, Comparison, compare
-from ui.common import user_errors
+from ui.common import GENERATE, user_errors
 from ui.tables import chunks_table
 
 NONE, OPENAI = "(off)", "OpenAI-compatible"
@@ -187,10 +187,10 @@ def build(services: Services) -> None:
         return [v for choice, use_rag in plan for v in (choice, use_rag)]
 
 
-    ask.click(do_compare, inputs=inputs, outputs=outputs, api_name="compare")
-    question.submit(do_compare, inputs=inputs, outputs=outputs, api_name=False)
+    ask.click(do_compare, inputs=inputs, outputs=outputs, api_name="compare", **GENERATE)
+    question.submit(do_compare, inputs=inputs, outputs=outputs, api_name=False, **GENERATE)
     regenerate.click(do_regenerate, inputs=[last, *inputs], outputs=outputs,
-                     api_name="regenerate")
+                     api_name="regenerate", **GENERATE)
     clear.click(do_clear, outputs=outputs, api_name="clear")
     for button, choice in zip(vote_buttons, CHOICES):
         button.click(do_vote, inputs=[last, vote_a, vote_b, gr.State(choice)],

@@ -9,9 +9,8 @@ from core import config
 from core.geval import BUILTIN
 from core.systems import BASE, System
 from jobs.evaluate import EvalSpec, JudgeSpec, set_session_api_key
-from jobs.runner import JobError
 from jobs.services import Services
-from ui.common import fmt_seconds, user_errors
+from ui.common import START_JOB, STATS, fmt_seconds, user_errors, visitor
 
 SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
                    "base", "diff", "diff_ci_low", "diff_ci_high"]
@@ -118,7 +117,7 @@ def build(services: Services) -> None:
 
     @user_errors
     def do_start(ds, n, sd, name, model_ref, pipe, max_tokens, chosen, jk, jm, ju, key, mets,
-                 meth, reps, samp, reason, cname, ccrit, csteps):
+                 meth, reps, samp, reason, cname, ccrit, csteps, request: gr.Request):
         candidates = candidate_systems(services, model_ref)
         picked = [candidates[label] for label in chosen or [] if label in candidates]
         metric_list: list = list(mets or [])
@@ -134,7 +133,7 @@ def build(services: Services) -> None:
             metrics=metric_list, n_items=int(n) if n else None, seed=int(sd or 0),
             pipeline=pipe or None, repeats=int(reps or 1), method=meth, samples=int(samp or 1),
             reasoning=bool(reason), decoding={"max_new_tokens": int(max_tokens or 48)})
-        job_id = services.evaluations.start(spec)
+        job_id = services.evaluations.start(spec, visitor(request))
         return (f"Started run `{job_id}`: {len(picked)} systems × {len(metric_list)} metrics.",
                 gr.update(choices=runs_choices(services), value=job_id))
 
@@ -142,8 +141,8 @@ def build(services: Services) -> None:
         if not run_id:
             return "", pd.DataFrame(columns=SUMMARY_COLUMNS), None, None
         try:
-            job = services.runner.get(run_id)
-        except JobError as exc:
+            job = services.jobs.get(run_id)
+        except ValueError as exc:  # a malformed or unknown id: said in the status, not a popup
             return str(exc), pd.DataFrame(columns=SUMMARY_COLUMNS), None, None
         rows = services.evaluations.summary(run_id, n_boot=1000)
         status = ""
@@ -181,12 +180,12 @@ def build(services: Services) -> None:
 
     @user_errors
     def do_cancel(run_id):
-        services.runner.cancel(run_id)
+        services.jobs.cancel(run_id or "")
         return "Cancel requested; finished answers and judgments stay stored."
 
     @user_errors
-    def do_resume(run_id):
-        services.runner.resume(run_id)
+    def do_resume(run_id, request: gr.Request):
+        services.jobs.resume(run_id or "", visitor(request))
         return "Resumed: finished (item, system, metric, repeat) keys are not redone."
 
     def study():
@@ -198,9 +197,9 @@ def build(services: Services) -> None:
                                   max_new_tokens, systems, judge_kind, judge_model, judge_url,
                                   judge_key, metrics, method, repeats, samples, reasoning,
                                   custom_name, custom_criteria, custom_steps],
-                outputs=[start_status, run], api_name="start_eval")
+                outputs=[start_status, run], api_name="start_eval", **START_JOB)
     run.change(show_run, inputs=run, outputs=[run_status, summary, chart, items],
-               api_name="eval_summary")
+               api_name="eval_summary", **STATS)
     refresh.click(lambda: gr.update(choices=runs_choices(services)), outputs=run,
                   api_name="list_runs")
     gr.Timer(3.0).tick(show_run, inputs=run, outputs=[run_status, summary, chart, items],
@@ -211,7 +210,7 @@ def build(services: Services) -> None:
     export_btn.click(do_export, inputs=[run, export_fmt], outputs=export_files,
                      api_name="export_eval")
     compare_btn.click(do_compare, inputs=[run_a, run_b], outputs=compared,
-                      api_name="compare_runs")
+                      api_name="compare_runs", **STATS)
     sql_btn.click(do_sql, inputs=sql, outputs=[sql_result, sql_note], api_name="sql")
     example.change(lambda name: queries.get(name, ""), inputs=example, outputs=sql,
                    api_name=False)

@@ -7,7 +7,7 @@ import pandas as pd
 from core import config
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
-from ui.common import fmt_seconds, job_status, user_errors
+from ui.common import START_JOB, fmt_seconds, job_status, user_errors, visitor
 
 FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
         "lora_alpha", "lora_dropout", "target_modules", "qlora", "epochs", "lr", "lr_schedule",
@@ -130,34 +130,37 @@ def build(services: Services) -> None:
     details = gr.JSON(label="Spec and metrics")
 
     @user_errors
-    def do_start(*values):
+    def do_start(request: gr.Request, *values):  # Gradio passes the request positionally
         spec = spec_from_form(values)
-        jid = services.adapters.train(spec)
+        jid = services.adapters.train(spec, visitor(request))
         return jid, f"Started `{jid}` → adapter **{spec.output_name}**."
 
     def poll(jid):
         jid = (jid or "").strip()
         if not jid:
             return gr.update(), gr.update()
-        job, text = job_status(services.runner, jid)
-        return text, loss_frame(services.runner.metrics(jid)) if job else gr.update()
+        job, text = job_status(services.jobs, jid)
+        return text, loss_frame(services.jobs.metrics(jid)) if job else gr.update()
 
     @user_errors
     def do_cancel(jid):
-        services.runner.cancel((jid or "").strip())
+        services.jobs.cancel(jid or "")
         return "Cancel requested; the last checkpoint is kept for a resume."
 
     @user_errors
-    def do_resume(jid):
-        services.runner.resume((jid or "").strip())
+    def do_resume(jid, request: gr.Request):
+        services.jobs.resume(jid or "", visitor(request))
         return "Resuming from the last checkpoint."
 
     def adapter_choices():
         return gr.update(choices=[a["name"] for a in services.adapters.rows()])
 
+    @user_errors
     def show_adapter(name):
-        row = next((a for a in services.adapters.rows() if a["name"] == name), None)
-        return {"spec": row["spec"], "metrics": row["metrics"], "folder": row["path"]} if row else None
+        if not name:
+            return None
+        row = services.adapters.get(name)
+        return {"spec": row["spec"], "metrics": row["metrics"], "folder": row["path"]}
 
     @user_errors
     def do_rename(old, new):
@@ -184,7 +187,8 @@ def build(services: Services) -> None:
 
     cpu.click(lambda: form_values(FinetuneSpec.cpu_preset()), outputs=form, api_name=False)
     study.click(lambda: form_values(FinetuneSpec()), outputs=form, api_name=False)
-    start.click(do_start, inputs=form, outputs=[job_id, status], api_name="start_finetune")
+    start.click(do_start, inputs=form, outputs=[job_id, status], api_name="start_finetune",
+                **START_JOB)
     cancel.click(do_cancel, inputs=job_id, outputs=status, api_name="cancel_finetune")
     resume.click(do_resume, inputs=job_id, outputs=status, api_name="resume_finetune")
     job_id.change(poll, inputs=job_id, outputs=[status, chart], api_name="finetune_status")

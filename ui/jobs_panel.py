@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from jobs.services import Services
-from ui.common import fmt_seconds, user_errors
+from ui.common import fmt_seconds, user_errors, visitor
 
 COLUMNS = ["id", "kind", "status", "progress", "message", "eta", "attempts", "created", "error"]
 
@@ -21,7 +21,7 @@ def jobs_table(services: Services) -> pd.DataFrame:
             "eta": fmt_seconds(j["eta_seconds"]), "attempts": j["attempts"],
             "created": f"{j['created_at']:%Y-%m-%d %H:%M:%S}", "error": j["error"] or "",
         }
-        for j in services.runner.jobs(limit=100)
+        for j in services.jobs.jobs(limit=100)
     ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -42,16 +42,16 @@ def build(services: Services) -> None:
 
     @user_errors
     def show_log(jid: str) -> str:
-        return services.runner.log_tail(jid.strip(), lines=60) if jid.strip() else ""
+        return services.jobs.log_tail(jid, lines=60) if jid.strip() else ""
 
     @user_errors
     def do_cancel(jid: str) -> tuple[pd.DataFrame, str]:
-        services.runner.cancel(jid.strip())
+        services.jobs.cancel(jid)
         return jobs_table(services), f"Cancel requested for `{jid.strip()}`."
 
     @user_errors
-    def do_resume(jid: str) -> tuple[pd.DataFrame, str]:
-        services.runner.resume(jid.strip())
+    def do_resume(jid: str, request: gr.Request) -> tuple[pd.DataFrame, str]:
+        services.jobs.resume(jid, visitor(request))
         return jobs_table(services), f"Resumed `{jid.strip()}`."
 
     def pick(evt: gr.SelectData, df: pd.DataFrame) -> str:

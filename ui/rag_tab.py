@@ -10,7 +10,7 @@ from jobs.services import Services
 from pipelines import spec as pspec
 from pipelines.graph import pipeline_mermaid
 from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
-from ui.common import fmt_seconds, job_status, user_errors
+from ui.common import INDEX, STATS, fmt_seconds, job_status, user_errors, visitor
 from ui.tables import CHUNK_COLUMNS, chunks_table
 
 QUALITY_KS = (1, 3, 5, 10)
@@ -75,11 +75,11 @@ def build(services: Services) -> None:
             ranker=(rk or "").strip() or None, prompt_template=tpl)
 
     @user_errors
-    def do_build(ds_id, uploaded, *values):
+    def do_build(request: gr.Request, ds_id, uploaded, *values):
         """Start the build and return its job id at once (the status poll follows it)."""
         spec = make_spec(*values)
         paths = [f if isinstance(f, str) else f.name for f in (uploaded or [])]
-        return services.indexes.start(spec, ds_id, paths)
+        return services.indexes.start(spec, ds_id, paths, visitor(request))
 
     @user_errors
     def do_status(jid):
@@ -88,7 +88,7 @@ def build(services: Services) -> None:
         jid = (jid or "").strip()
         if not jid:
             return gr.update(), gr.update(), gr.update(), gr.Timer(active=False)
-        job, text = job_status(services.runner, jid)
+        job, text = job_status(services.jobs, jid)
         running = job is not None and job["status"] not in TERMINAL
         if job is None or job["status"] != "done":
             return text, gr.update(), gr.update(), gr.Timer(active=running)
@@ -106,7 +106,7 @@ def build(services: Services) -> None:
     def do_cancel(jid):
         if not (jid or "").strip():
             raise gr.Error("No indexing job is running from this page.")
-        services.runner.cancel(jid.strip())
+        services.jobs.cancel(jid.strip())
         return "Cancel requested."
 
     @user_errors
@@ -142,7 +142,7 @@ def build(services: Services) -> None:
         return gr.update(choices=services.indexes.names(), value=None), f"Deleted `{pipeline_name}`."
 
     build_btn.click(do_build, inputs=[dataset, files, *spec_inputs], outputs=job_id,
-                    api_name="build_index")
+                    api_name="build_index", **INDEX)
     status_outputs = [build_status, saved, graph, poll_timer]
     job_id.change(do_status, inputs=job_id, outputs=status_outputs, api_name="index_status")
     poll_timer.tick(do_status, inputs=job_id, outputs=status_outputs, api_name=False,
@@ -152,7 +152,7 @@ def build(services: Services) -> None:
                        api_name="retrieve")
     question.submit(do_retrieve, inputs=[question, *spec_inputs], outputs=chunks, api_name=False)
     quality_btn.click(do_quality, inputs=[dataset, *spec_inputs], outputs=[quality, quality_plot],
-                      api_name="retrieval_quality")
+                      api_name="retrieval_quality", **STATS)
     load_btn.click(do_load, inputs=saved, outputs=[*spec_inputs, graph], api_name="load_pipeline")
     delete_btn.click(do_delete, inputs=saved, outputs=[saved, build_status],
                      api_name="delete_pipeline")
