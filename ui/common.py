@@ -77,8 +77,8 @@ def job_status(jobs: JobDesk, job_id: str) -> tuple[dict[str, Any] | None, str]:
     error); (None, a message) for an unknown or malformed id."""
     try:
         job = jobs.get(job_id)
-    except (JobError, InvalidNameError):
-        return None, f"No job `{job_id}`."
+    except (JobError, InvalidNameError) as exc:  # said in the status line, not a popup
+        return None, str(exc)
     eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
     text = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"
     if job["error"]:
