@@ -90,7 +90,8 @@ def test_a_user_metric_keeps_its_own_range():
 def test_no_data_shows_what_to_do(draw, message):
     spec = draw().to_dict()
     assert spec["mark"]["type"] == "text" and spec["encoding"]["text"]["field"] == "message"
-    assert data(spec) == [{"message": message}]
+    assert [r["message"].replace("\n", " ") for r in data(spec)] == [message]
+    assert spec["mark"]["lineBreak"] == "\n"
     assert "Run an evaluation to see scores here" in charts.EMPTY_EVALUATION
 
 

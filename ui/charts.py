@@ -9,6 +9,7 @@ none where n < 2). A chart without data shows a sentence saying what to do inste
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Iterable, Mapping
 
 import altair as alt
@@ -28,11 +29,11 @@ EMPTY_LOSS = "Start fine-tuning (or enter a job id) to see the loss curves here.
 
 
 def empty(message: str) -> alt.Chart:
-    """A text mark in place of a chart: what to do to see one."""
-    return (alt.Chart(pd.DataFrame({"message": [message]}))
-            .mark_text(fontSize=14, color="gray")
+    """A text mark in place of a chart: what to do to see one (wrapped to fit narrow columns)."""
+    return (alt.Chart(pd.DataFrame({"message": [textwrap.fill(message, 44)]}))
+            .mark_text(fontSize=14, color="gray", lineBreak="\n")
             .encode(text=alt.Text("message:N"))
-            .properties(width=420, height=80)
+            .properties(width=340, height=80)
             .configure_view(strokeWidth=0))
 
 
@@ -97,7 +98,8 @@ def retrieval_quality(table: pd.DataFrame) -> alt.TopLevelMixin:
     return (alt.Chart(long).mark_line(point=True).encode(
         x=alt.X("k:O", title="k (passages retrieved)", axis=alt.Axis(labelAngle=0)),
         y=alt.Y("value:Q", title="score", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("metric:N", title="metric", sort=list(QUALITY_METRICS.values())),
+        color=alt.Color("metric:N", title="metric", sort=list(QUALITY_METRICS.values()),
+                        legend=alt.Legend(orient="bottom")),
         tooltip=["k:O", "metric:N", alt.Tooltip("value:Q", format=".3f")])
         .properties(width=280, height=200))
 
