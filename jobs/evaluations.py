@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from core import config, evalstats
+from core.geval import metric_from
 from core.names import check_id
 from core.sqlbox import SqlBox, SqlResult
 from core.store import EXAMPLE_QUERIES, Store
@@ -38,7 +39,13 @@ class Evaluations:
         return self.store.get_eval_run(check_id(run_id, "Run id")) is not None
 
     def summary(self, run_id: str, n_boot: int = evalstats.N_BOOTSTRAP) -> list[dict[str, Any]]:
-        return evalstats.summarize_run(self.store, run_id, n_boot=n_boot) if self.started(run_id) else []
+        """evalstats.summarize_run's rows, each with its metric's score range (score_min,
+        score_max) from the run's spec, so a chart can draw it on a fixed scale."""
+        if not self.started(run_id):
+            return []
+        ranges = score_ranges(self.store.get_eval_run(run_id)["spec"])
+        return [{**row, **ranges.get(row["metric"], {})}
+                for row in evalstats.summarize_run(self.store, run_id, n_boot=n_boot)]
 
     def items(self, run_id: str) -> list[dict[str, Any]]:
         return self.store.eval_items(run_id) if self.started(run_id) else []
@@ -68,22 +75,33 @@ class Evaluations:
                                       n_boot=n_boot)
 
     def study_rows(self, n_boot: int = 200) -> list[dict[str, Any]]:
-        """Mean score per run, system and metric, labelled like the study's figures: dataset and
-        training-set size (the adapter's n_train; 0 for the base model)."""
+        """The study's figures as rows: per dataset, training-set size (the adapter's n_train; 0
+        for the base model), system ("base" or "fine-tuned"), RAG or not and metric, the mean with
+        its 95% t interval, n items, the metric's score range and the run it comes from.
+
+        Each of those keys appears ONCE: when several runs scored it (say, a rerun with a stronger
+        judge), the newest run's numbers are kept (and of two adapters of one size in one run, the
+        first listed). Runs are not pooled because different runs may
+        use different judges, decodings or items, whose scores do not average into one number."""
         n_train = {a["name"]: (a["metrics"] or {}).get("n_train") for a in self._adapter_rows()}
-        rows = []
-        for run in self.runs():
-            systems = {d["id"]: System.from_fields(d) for d in (run["spec"] or {}).get("systems", [])
-                       if "id" in d}
+        rows: dict[tuple, dict[str, Any]] = {}
+        for run in self.runs():  # newest first: the first row for a key wins
+            spec = run["spec"] or {}
+            systems = {d["id"]: System.from_fields(d) for d in spec.get("systems", []) if "id" in d}
+            ranges = score_ranges(spec)
             for s in evalstats.summarize_run(self.store, run["id"], n_boot=n_boot):
                 system = systems.get(s["system_id"])
-                if system is None:
+                if system is None or s["mean"] is None:
                     continue
-                rows.append({"group": f"{run['dataset_id']} · n={n_train.get(system.adapter) or 0}",
-                             "system": ("base" if system.is_base else "fine-tuned")
-                             + (" + RAG" if system.rag else ""),
-                             "metric": s["metric"], "mean": s["mean"]})
-        return rows
+                row = {"dataset": run["dataset_id"],
+                       "n_train": 0 if system.is_base else int(n_train.get(system.adapter) or 0),
+                       "system": "base" if system.is_base else "fine-tuned", "rag": system.rag,
+                       "metric": s["metric"], "mean": s["mean"], "ci_low": s["ci_low"],
+                       "ci_high": s["ci_high"], "n": s["n"], **ranges.get(s["metric"], {}),
+                       "run": run["name"] or run["id"]}
+                rows.setdefault(tuple(row[k] for k in ("dataset", "n_train", "system", "rag",
+                                                      "metric")), row)
+        return list(rows.values())
 
     example_queries = EXAMPLE_QUERIES
 
@@ -96,3 +114,9 @@ class Evaluations:
         """A person's verdict on two answers; systems are stored with their ids and labels."""
         return self.store.add_vote(question, [{**s.fields(), "id": s.id, "label": s.label}
                                               for s in systems], answers, choice, decoding, retrieved)
+
+
+def score_ranges(spec: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """{metric name: {"score_min": .., "score_max": ..}} for the metrics of a stored run spec."""
+    metrics = [metric_from(m) for m in (spec or {}).get("metrics", [])]
+    return {m.name: {"score_min": m.score_min, "score_max": m.score_max} for m in metrics}

@@ -1,4 +1,5 @@
 """The running app, driven through its named API endpoints with gradio_client, as a script would."""
+import json
 import time
 
 import pytest
@@ -150,6 +151,7 @@ def test_retrieve_and_retrieval_quality(client, built_index, template):
     rows = {r[0]: dict(zip(table["headers"], r)) for r in table["data"]}
     # Measured on the shipped NQ sample: BM25 puts the gold passage first for nearly every question.
     assert rows[3]["hit_rate"] >= 0.9 and rows[1]["mrr"] <= rows[3]["mrr"]
+    assert json.loads(plot["plot"])["encoding"]["x"]["type"] == "ordinal"  # k: 1, 3, ...
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +225,8 @@ def test_evaluation_run_summary_export_and_read_only_sql(client):
     assert "**done**" in state, state
     row = dict(zip(summary["headers"], summary["data"][0]))
     assert row["n"] == 2 and 1 <= row["mean"] <= 5
+    panel, = json.loads(chart["plot"])["hconcat"]  # ui.charts.evaluation_summary: one metric
+    assert panel["title"] == "accuracy (1-5)"
     table, _ = client.predict(f"SELECT avg(score) AS m, count(*) AS n FROM judgments "
                               f"WHERE run_id = '{run_id}'", api_name="/sql")
     assert table["data"][0][1] == 2 and abs(table["data"][0][0] - row["mean"]) < 1e-3
@@ -250,7 +254,6 @@ def tiny_form(name):
 
 
 def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_path):
-    import json
     import os
     import subprocess
     import sys
@@ -266,7 +269,8 @@ def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_pa
             break
         time.sleep(2)
     assert "**done**" in text, text
-    curves = [row[chart["columns"].index("curve")] for row in chart["data"]]
+    plotted = json.loads(chart["plot"])  # gr.Plot: the Vega-Lite spec of ui.charts.loss
+    curves = [row["curve"] for rows in plotted["datasets"].values() for row in rows]
     assert curves.count("train") == 2 and "validation" in curves  # live points, 2 steps
     ui_row = client.predict("ui-tiny", api_name="/adapter_details")
 

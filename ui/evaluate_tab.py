@@ -10,10 +10,13 @@ from core.geval import BUILTIN
 from core.systems import BASE, System
 from jobs.evaluate import EvalSpec, JudgeSpec, set_session_api_key
 from jobs.services import Services
+from ui import charts
 from ui.common import START_JOB, STATS, fmt_seconds, user_errors, visitor
 
 SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
                    "base", "diff", "diff_ci_low", "diff_ci_high"]
+STUDY_COLUMNS = ["dataset", "n_train", "system", "rag", "metric", "n", "mean", "ci_low", "ci_high",
+                 "run"]
 
 
 def candidate_systems(services: Services, model_ref: str) -> dict[str, System]:
@@ -86,12 +89,11 @@ def build(services: Services) -> None:
     run_status = gr.Markdown()
     summary = gr.Dataframe(label="Summary: mean, std, 95% CI (t) over items; paired difference "
                            "to the base system with a paired bootstrap 95% CI", interactive=False)
-    chart = gr.BarPlot(x="system", y="mean", color="metric", label="Mean score by system",
-                       y_lim=[1, 5], height=280)
+    chart = gr.Plot(charts.evaluation_summary([]), label="Mean score by system, 95% interval")
     with gr.Accordion("Study view: all runs by dataset and training-set size", open=False):
         study_btn = gr.Button("Draw")
-        study_chart = gr.BarPlot(x="group", y="mean", color="system", label="Accuracy and "
-                                 "completeness, base vs fine-tuned", y_lim=[1, 5], height=300)
+        study_chart = gr.Plot(charts.study([]), label="Base vs fine-tuned, with and without "
+                              "RAG (newest run per system)")
         study_table = gr.Dataframe(interactive=False)
     with gr.Accordion("Per-item drill-down", open=False):
         items = gr.Dataframe(interactive=False, wrap=True, label="Items (click a row)")
@@ -139,11 +141,12 @@ def build(services: Services) -> None:
 
     def show_run(run_id):
         if not run_id:
-            return "", pd.DataFrame(columns=SUMMARY_COLUMNS), None, None
+            return "", pd.DataFrame(columns=SUMMARY_COLUMNS), charts.evaluation_summary([]), None
         try:
             job = services.jobs.get(run_id)
         except ValueError as exc:  # a malformed or unknown id: said in the status, not a popup
-            return str(exc), pd.DataFrame(columns=SUMMARY_COLUMNS), None, None
+            return (str(exc), pd.DataFrame(columns=SUMMARY_COLUMNS), charts.evaluation_summary([]),
+                    None)
         rows = services.evaluations.summary(run_id, n_boot=1000)
         status = ""
         if job:
@@ -151,11 +154,9 @@ def build(services: Services) -> None:
             status = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"
             if job["error"]:
                 status += f"\n\n{job['error']}"
-        chart_df = pd.DataFrame([{"system": r["system"], "metric": r["metric"], "mean": r["mean"]}
-                                 for r in rows if r["mean"] is not None])
         item_rows = pd.DataFrame(services.evaluations.items(run_id)).drop(
             columns=["scores", "reasoning"], errors="ignore")
-        return status, summary_frame(rows), chart_df, item_rows
+        return status, summary_frame(rows), charts.evaluation_summary(rows), item_rows
 
     def pick_item(evt: gr.SelectData, run_id, table):
         row = table.iloc[evt.index[0]]
@@ -189,9 +190,8 @@ def build(services: Services) -> None:
         return "Resumed: finished (item, system, metric, repeat) keys are not redone."
 
     def study():
-        df = pd.DataFrame(services.evaluations.study_rows(),
-                          columns=["group", "system", "metric", "mean"])
-        return df, df
+        rows = services.evaluations.study_rows()
+        return charts.study(rows), pd.DataFrame(rows, columns=STUDY_COLUMNS).round(3)
 
     start.click(do_start, inputs=[dataset, n_items, seed, run_name, model, pipeline,
                                   max_new_tokens, systems, judge_kind, judge_model, judge_url,

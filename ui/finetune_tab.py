@@ -7,6 +7,7 @@ import pandas as pd
 from core import config
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
+from ui import charts
 from ui.common import START_JOB, fmt_seconds, job_status, user_errors, visitor
 
 FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
@@ -108,8 +109,7 @@ def build(services: Services) -> None:
         resume = gr.Button("Resume")
     job_id = gr.Textbox(label="Job", interactive=True)
     status = gr.Markdown()
-    chart = gr.LinePlot(x="step", y="loss", color="curve", label="Loss (answer tokens)",
-                        height=260)
+    chart = gr.Plot(charts.loss(loss_frame([])), label="Loss (answer tokens)")
 
     gr.Markdown("### Adapters")
     adapters = gr.Dataframe(value=lambda: adapters_table(services), interactive=False, wrap=True)
@@ -140,7 +140,7 @@ def build(services: Services) -> None:
         if not jid:
             return gr.update(), gr.update()
         job, text = job_status(services.jobs, jid)
-        return text, loss_frame(services.jobs.metrics(jid)) if job else gr.update()
+        return text, charts.loss(loss_frame(services.jobs.metrics(jid))) if job else gr.update()
 
     @user_errors
     def do_cancel(jid):

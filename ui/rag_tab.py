@@ -10,6 +10,7 @@ from jobs.services import Services
 from pipelines import spec as pspec
 from pipelines.graph import pipeline_mermaid
 from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
+from ui import charts
 from ui.common import INDEX, STATS, fmt_seconds, job_status, user_errors, visitor
 from ui.tables import CHUNK_COLUMNS, chunks_table
 
@@ -61,8 +62,8 @@ def build(services: Services) -> None:
             graph = gr.Markdown(label="Pipeline graph")
             quality_btn = gr.Button("Retrieval quality on the eval split")
             quality = gr.Dataframe(label="recall@k / MRR", interactive=False)
-            quality_plot = gr.LinePlot(x="k", y="value", color="metric", label="Retrieval quality",
-                                       height=220)
+            quality_plot = gr.Plot(charts.retrieval_quality(pd.DataFrame()),
+                                   label="Retrieval quality")
 
     spec_inputs = [name, split_by, split_length, split_overlap, embedder, retriever, top_k,
                    ranker, template]
@@ -126,8 +127,7 @@ def build(services: Services) -> None:
             rows.append({"k": k, "recall": round(m["recall"], 3), "hit_rate": round(m["hit_rate"], 3),
                          "mrr": round(m["mrr"], 3), "n": m["n"], "skipped": m["skipped"]})
         table = pd.DataFrame(rows)
-        long = table.melt(id_vars="k", value_vars=["recall", "mrr"], var_name="metric")
-        return table, long
+        return table, charts.retrieval_quality(table)
 
     @user_errors
     def do_load(pipeline_name):
