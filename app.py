@@ -9,6 +9,7 @@ import gradio as gr
 from core import config
 from jobs.services import Services, build_services
 from ui import compare_tab, data_tab, evaluate_tab, finetune_tab, jobs_panel, rag_tab
+from ui.keys import keyring
 
 TITLE = "Fine-tune or RAG? A lab for 'Fine-Tuning or Fine-Failing?'"
 INTRO = (
@@ -22,6 +23,7 @@ INTRO = (
 def build_app(services: Services) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
+        keys = keyring()  # the API keys this visitor typed, for this browser session only
         with gr.Tab("Data"):
             data_tab.build(services)
         with gr.Tab("Fine-tune"):
@@ -29,9 +31,9 @@ def build_app(services: Services) -> gr.Blocks:
         with gr.Tab("RAG"):
             rag_tab.build(services)
         with gr.Tab("Compare"):
-            compare_tab.build(services)
+            compare_tab.build(services, keys)
         with gr.Tab("Evaluate"):
-            evaluate_tab.build(services)
+            evaluate_tab.build(services, keys)
         with gr.Tab("Jobs"):
             jobs_panel.build(services)
     return demo

@@ -23,14 +23,24 @@ DEFAULT_CHAT_MODEL = os.environ.get("DEFAULT_CHAT_MODEL", "smollm2-135m-instruct
 DEFAULT_EMBEDDER = os.environ.get("DEFAULT_EMBEDDER", "all-minilm-l6-v2")
 
 
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value not in ("1", "0", "true", "false"):
+        raise ValueError(f"{name} must be 1 or 0 (or true/false), not '{env[name]}'.")
+    return value in ("1", "true")
+
+
 def public_mode(env: Mapping[str, str] = os.environ) -> bool:
     """PUBLIC_MODE=1/0; unset, public inside a Space (SPACE_ID is set there), private elsewhere."""
-    value = env.get("PUBLIC_MODE", "").strip().lower()
-    if not value:
-        return bool(env.get("SPACE_ID"))
-    if value not in ("1", "0", "true", "false"):
-        raise ValueError(f"PUBLIC_MODE must be 1 or 0 (or true/false), not '{env['PUBLIC_MODE']}'.")
-    return value in ("1", "true")
+    return _flag(env, "PUBLIC_MODE", bool(env.get("SPACE_ID")))
+
+
+def allow_operator_token_push(env: Mapping[str, str] = os.environ) -> bool:
+    """ALLOW_OPERATOR_TOKEN_PUSH=1 lets visitors of a public server push adapters with the
+    operator's HF_TOKEN (to any repo it can write); default 0: they sign in with their own."""
+    return _flag(env, "ALLOW_OPERATOR_TOKEN_PUSH", False)
 
 
 def max_loaded_models(env: Mapping[str, str] = os.environ) -> int:
@@ -65,6 +75,9 @@ PUBLIC_MODE = public_mode()
 MAX_LOADED_MODELS = max_loaded_models()
 ALLOWED_MODELS = allowed_models()
 MAX_RUNNING_JOBS = max_running_jobs()
+ALLOW_OPERATOR_TOKEN_PUSH = allow_operator_token_push()
+# Inside a Hugging Face Space visitors can sign in with their own account (hub pushes).
+ON_SPACE = bool(os.environ.get("SPACE_ID"))
 
 
 def data_dir() -> Path:

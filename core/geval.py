@@ -23,6 +23,7 @@ from core.models import get_hub
 from core.names import check_name
 from core.schema import InputError
 from core.scoring import TokenScores
+from core.secrets import OPENAI_URL, Secret
 from core.systems import BASE
 
 if TYPE_CHECKING:
@@ -291,9 +292,9 @@ class LocalJudge:
 class OpenAIJudge:
     """Any OpenAI-compatible endpoint. The key is used by the client only, never recorded."""
 
-    def __init__(self, base_url: str | None, api_key: str | None, model: str,
+    def __init__(self, base_url: str | None, api_key: Secret | None, model: str,
                  timeout: float = 60.0, parallel: int = 8) -> None:
-        from core.openai_backend import OPENAI_URL, OpenAIBackend
+        from core.openai_backend import OpenAIBackend
 
         # No client-side retries: the evaluation job retries with its own backoff and reports.
         self._backend = OpenAIBackend(base_url or None, api_key, model, timeout=timeout, max_retries=0)
@@ -328,7 +329,7 @@ class OpenAIJudge:
 
 
 def make_judge(kind: str, model: str, base_url: str | None = None, adapter: str = BASE,
-               api_key: str | None = None) -> Judge:
+               api_key: Secret | None = None) -> Judge:
     if kind == "local":
         return LocalJudge(model, adapter)
     if kind == "openai":

@@ -3,11 +3,12 @@ in the shape of ModelHub's generate/stream/score_tokens. There are no adapter ar
 served model name selects the adapter (e.g. vLLM --enable-lora serves each adapter by name).
 
 The API key is handed to the client and nowhere else: never logged, stored or shown in errors.
+The operator's OPENAI_API_KEY goes only to the operator's endpoint (core.secrets.api_key_for); a
+base URL a visitor typed gets that visitor's key, or a stand-in for servers that check none.
 """
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,7 @@ import openai
 
 from core.generation import GenerationStream, GenParams, Generation, Message, Prompt, as_messages
 from core.scoring import TokenScores
-
-OPENAI_URL = "https://api.openai.com/v1"
+from core.secrets import Secret, api_key_for, endpoint, is_operator_endpoint
 # Local servers do not check the key, but the client refuses to start without one.
 _PLACEHOLDER_KEY = "no-key-needed"
 _MAX_PARALLEL_REQUESTS = 8
@@ -38,20 +38,24 @@ class BackendRequestError(ValueError):
 
 
 class OpenAIBackend:
-    def __init__(self, base_url: str | None, api_key: str | None, model: str,
+    def __init__(self, base_url: str | None, api_key: Secret | None, model: str,
                  timeout: float = 60.0, max_retries: int = 1) -> None:
-        key = api_key or os.environ.get("OPENAI_API_KEY")
-        if not key:
-            if base_url is None:
-                raise MissingApiKeyError("OpenAI needs an API key: set OPENAI_API_KEY or enter one "
-                                         "(it is used for this session only, never stored).")
-            key = _PLACEHOLDER_KEY
+        """`api_key`: the key the visitor typed, if any; base_url None is the operator's endpoint."""
+        self._typed = api_key is not None
+        key = api_key_for(base_url, api_key)
+        if key is None:
+            if is_operator_endpoint(base_url):
+                raise MissingApiKeyError("This endpoint needs an API key and the app has none "
+                                         "(OPENAI_API_KEY): enter yours (kept for this browser "
+                                         "session only, never stored).")
+            key = Secret(_PLACEHOLDER_KEY)
         if not model:
             raise ValueError("Name the served model (for vLLM with --enable-lora: the adapter's name).")
         self.base_url = base_url
         self.model = model
-        self._where = base_url or OPENAI_URL
-        self._client = openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout,
+        self._where = base_url or endpoint(None)
+        self._key = key
+        self._client = openai.OpenAI(api_key=key.reveal(), base_url=self._where, timeout=timeout,
                                      max_retries=max_retries)
 
     def __repr__(self) -> str:
@@ -153,13 +157,17 @@ class OpenAIBackend:
                 f"Could not reach the OpenAI-compatible server at {self._where}: is it running, "
                 "and does the base URL end in /v1?") from err
         except openai.AuthenticationError as err:
-            raise BackendRequestError(f"The server at {self._where} rejected the API key.") from err
+            hint = ("" if self._typed or is_operator_endpoint(self.base_url) else
+                    ": enter yours (this app sends its own key only to the endpoint it was set up for)")
+            raise BackendRequestError(f"The server at {self._where} rejected the API key{hint}.") from err
         except openai.NotFoundError as err:
             raise BackendRequestError(f"The server at {self._where} does not serve model "
                                       f"'{self.model}' (404 Not Found).") from err
         except openai.APIStatusError as err:
+            # A server's error text may quote the request back: the key never goes further.
+            reason = err.message.replace(self._key.reveal(), "***")
             raise BackendRequestError(f"The server at {self._where} refused the request "
-                                      f"({err.status_code}): {err.message}") from err
+                                      f"({err.status_code}): {reason}") from err
 
 
 def _with_suffix(messages: list[Message], suffix: str) -> list[Message]:

@@ -20,6 +20,7 @@ from core.models import ModelHub
 from core.dataset_presets import PRESETS
 from core.names import check_hub_id, check_name, inside
 from core.schema import InputError, SplitSetting
+from core.secrets import Secret
 from core.store import Store
 from jobs.desk import JobDesk
 from jobs.finetune import adapter_dir, result_of
@@ -145,23 +146,28 @@ class AdapterCatalog:
                     zf.write(path, path.relative_to(folder))
         return out
 
-    def push(self, name: str, repo_id: str, token: str | None) -> str:
-        """Upload to the Hub with the token given (UI session) or HF_TOKEN; never stored."""
+    def push(self, name: str, repo_id: str, token: Secret | None) -> str:
+        """Upload to the Hub with the visitor's token (signed in, or typed); without one, the
+        operator's HF_TOKEN, but on a public server only if ALLOW_OPERATOR_TOKEN_PUSH=1. Never stored."""
         from huggingface_hub import HfApi
 
-        token = (token or "").strip() or os.environ.get("HF_TOKEN")
-        if not token:
+        if token is None:
+            if config.PUBLIC_MODE and not config.ALLOW_OPERATOR_TOKEN_PUSH:
+                raise InputError("Sign in with Hugging Face to push to your own account (this "
+                                 "server does not push with its own token).")
+            token = Secret.typed(os.environ.get("HF_TOKEN"))
+        if token is None:
             raise InputError("Pushing needs a Hugging Face token: set HF_TOKEN or paste one "
                              "(used for this request only, never stored).")
         folder = Path(self.get(name)["path"])
         repo_id = check_hub_id(repo_id or "", "Target repo", InputError)
         try:
-            api = HfApi(token=token)
+            api = HfApi(token=token.reveal())
             api.create_repo(repo_id.strip(), exist_ok=True)
             info = api.upload_folder(folder_path=str(folder), repo_id=repo_id.strip(),
                                      ignore_patterns=["checkpoints/*"])
         except Exception as exc:  # offline, bad token, no permission: all user-fixable
+            detail = (str(exc).splitlines() or ["no details"])[0].replace(token.reveal(), "***")
             raise InputError(f"Could not push '{name}' to {repo_id}: {type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else 'no details'} "
-                             "(offline or no write access?)") from exc
+                             f"{detail} (offline or no write access?)") from exc
         return str(getattr(info, "commit_url", repo_id))

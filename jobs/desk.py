@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from core.names import check_id
+from core.secrets import Secret
 from core.schema import InputError
 from jobs.runner import TERMINAL, JobRunner
 
@@ -73,10 +74,12 @@ class JobDesk:
     def cancel(self, job_id: str) -> None:
         self.runner.cancel(self.get(job_id)["id"])
 
-    def resume(self, job_id: str, visitor: str | None = None) -> str:
-        """Run a stopped job again; it counts against the caps like a new start."""
+    def resume(self, job_id: str, visitor: str | None = None,
+               secrets: Mapping[str, Secret] | None = None) -> str:
+        """Run a stopped job again; it counts against the caps like a new start. `secrets`: the
+        visitor's keys, for this run only (JobRunner.start)."""
         job = self.get(job_id)
-        return self.admit(job["kind"], visitor, lambda: self.runner.resume(job["id"]))
+        return self.admit(job["kind"], visitor, lambda: self.runner.resume(job["id"], secrets))
 
     def _forget_ended(self) -> None:
         for job_id in list(self._active):

@@ -6,16 +6,18 @@ query or export file uses them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from core import config, evalstats
 from core.geval import metric_from
 from core.names import check_id
+from core.secrets import Secret
 from core.sqlbox import SqlBox, SqlResult
 from core.store import EXAMPLE_QUERIES, Store
 from core.systems import System
 from jobs.desk import JobDesk
-from jobs.evaluate import KIND, EvalResources, EvalSpec, start_evaluation
+from jobs.evaluate import KIND, EvalResources, EvalSpec, keys_for, start_evaluation
+from jobs.runner import JobError
 
 
 class Evaluations:
@@ -25,11 +27,21 @@ class Evaluations:
         self._adapter_rows = adapter_rows
         self.sql_box = SqlBox(store)
 
-    def start(self, spec: EvalSpec, visitor: str | None = None) -> str:
+    def start(self, spec: EvalSpec, visitor: str | None = None,
+              keys: Mapping[str, Secret] | None = None) -> str:
         """Check the request, then start it as a background job within the job caps (`visitor`:
-        the Gradio session asking); returns the run id."""
+        the Gradio session asking; `keys`: its keys by endpoint, in memory for this run only);
+        returns the run id."""
         return self.jobs.admit(KIND, visitor,
-                               lambda: start_evaluation(self.resources, self.jobs.runner, spec))
+                               lambda: start_evaluation(self.resources, self.jobs.runner, spec, keys))
+
+    def resume(self, run_id: str, visitor: str | None = None,
+               keys: Mapping[str, Secret] | None = None) -> str:
+        """Run a stopped evaluation again, with the visitor's keys for its endpoints."""
+        job = self.jobs.get(run_id)
+        if job["kind"] != KIND:
+            raise JobError(f"Job {run_id} is not an evaluation run.")
+        return self.jobs.resume(job["id"], visitor, keys_for(EvalSpec.from_dict(job["spec"]), keys))
 
     def runs(self) -> list[dict[str, Any]]:
         return self.store.list_eval_runs()

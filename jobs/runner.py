@@ -11,6 +11,8 @@ A job is a row in the jobs table plus a folder (data dir /jobs/<id>/) holding it
 A job that was running when the app stopped is marked interrupted on the next start, after its
 process group, if a child still runs it, is stopped; `resume` runs it again with resume=True, and
 the job itself skips the work it already finished.
+Keys a visitor typed reach a thread job as `secrets` (endpoint -> core.secrets.Secret): held in
+memory for that run only, never in the job's record, and dropped when it ends.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from core import config
+from core.secrets import Secret
 from core.store import Store, now
 from jobs import procs
 from jobs.events import EVENTS_ENV, EVENTS_FILE, JOB_ENV, EventReader, read_result, result_path
@@ -73,7 +76,8 @@ class _Progress:
 
 @dataclass
 class JobContext:
-    """What a thread job gets: report progress, log, and notice cancellation."""
+    """What a thread job gets: report progress, log, notice cancellation, and the keys its
+    visitor typed (endpoint -> Secret; emptied when the run ends)."""
 
     job_id: str
     spec: dict[str, Any]
@@ -81,6 +85,7 @@ class JobContext:
     _progress: _Progress
     _cancel: threading.Event
     log_path: Path
+    secrets: Mapping[str, Secret] = field(default_factory=dict)
 
     def progress(self, fraction: float, message: str = "") -> None:
         self.check_cancelled()
@@ -142,22 +147,26 @@ class JobRunner:
         """The newest jobs first (all kinds, or one)."""
         return self.store.list_jobs(kind, limit)
 
-    def start(self, kind: str, spec: dict[str, Any]) -> str:
+    def start(self, kind: str, spec: dict[str, Any],
+              secrets: Mapping[str, Secret] | None = None) -> str:
+        """`secrets` go to a thread job's context for this run only, never into its record."""
         if kind not in self.kinds:
             raise JobError(f"Unknown job kind '{kind}'. Known: {', '.join(sorted(self.kinds))}.")
+        self._check_secrets(kind, secrets)
         job_id = self.store.create_job(kind, spec)
-        self._launch(job_id, kind, spec, resume=False)
+        self._launch(job_id, kind, spec, resume=False, secrets=secrets)
         return job_id
 
-    def resume(self, job_id: str) -> str:
+    def resume(self, job_id: str, secrets: Mapping[str, Secret] | None = None) -> str:
         job = self._job(job_id)
         if job["status"] not in ("failed", "cancelled", "interrupted"):
             raise JobError(f"Job {job_id} is {job['status']}; only a stopped job can be resumed.")
         if job["pgid"] is not None:
             self._stop_orphan(job)
+        self._check_secrets(job["kind"], secrets)
         self.store.update_job(job_id, status="queued", error=None, finished_at=None,
                               message="resuming")
-        self._launch(job_id, job["kind"], job["spec"], resume=True)
+        self._launch(job_id, job["kind"], job["spec"], resume=True, secrets=secrets)
         return job_id
 
     def cancel(self, job_id: str) -> None:
@@ -198,16 +207,29 @@ class JobRunner:
             raise JobError(f"No job with id '{job_id}'.")
         return job
 
-    def _launch(self, job_id: str, kind: str, spec: dict[str, Any], resume: bool) -> None:
+    def _check_secrets(self, kind: str, secrets: Mapping[str, Secret] | None) -> None:
+        if secrets and kind in self.kinds and not self.kinds[kind].thread:
+            raise JobError(f"Jobs of kind '{kind}' run in a subprocess and take no keys.")
+
+    def _launch(self, job_id: str, kind: str, spec: dict[str, Any], resume: bool,
+                secrets: Mapping[str, Secret] | None = None) -> None:
         self._cancel[job_id] = threading.Event()
         thread = threading.Thread(
-            target=self._run, args=(job_id, self.kinds[kind], spec, resume),
+            target=self._run, args=(job_id, self.kinds[kind], spec, resume, dict(secrets or {})),
             name=f"job-{job_id}", daemon=True,
         )
         self._threads[job_id] = thread
         thread.start()
 
-    def _run(self, job_id: str, kind: JobKind, spec: dict[str, Any], resume: bool) -> None:
+    def _run(self, job_id: str, kind: JobKind, spec: dict[str, Any], resume: bool,
+             secrets: dict[str, Secret]) -> None:
+        try:
+            self._run_once(job_id, kind, spec, resume, secrets)
+        finally:
+            secrets.clear()  # the context's mapping too: nothing outlives the run
+
+    def _run_once(self, job_id: str, kind: JobKind, spec: dict[str, Any], resume: bool,
+                  secrets: dict[str, Secret]) -> None:
         cancel = self._cancel[job_id]
         with self._slots:
             if cancel.is_set():
@@ -221,7 +243,7 @@ class JobRunner:
             log_path = job_dir(job_id) / "log.txt"
             try:
                 if kind.thread:
-                    ctx = JobContext(job_id, spec, resume, progress, cancel, log_path)
+                    ctx = JobContext(job_id, spec, resume, progress, cancel, log_path, secrets)
                     result = kind.thread(ctx)
                 else:
                     result = self._run_subprocess(job_id, kind.argv(spec, resume), progress,

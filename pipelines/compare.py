@@ -20,6 +20,7 @@ from core.generation import GenerationStream, GenParams
 from core.models import get_hub
 from core.openai_backend import OpenAIBackend
 from core.schema import InputError, validate_question
+from core.secrets import Secret
 from core.systems import BASE, System
 from pipelines.indexing import DocumentStoreHandle
 from pipelines.query import build_prompt, retrieve
@@ -86,11 +87,12 @@ def check_systems(systems: list[System], spec: PipelineSpec | None) -> None:
 
 def compare(question: str, systems: list[System], params: GenParams,
             spec: PipelineSpec | None = None, index: DocumentStoreHandle | None = None,
-            api_key: str | None = None, documents: list[Document] | None = None,
+            api_key: Secret | None = None, documents: list[Document] | None = None,
             adapter_paths: dict[str, str] | None = None,
             poll_seconds: float = 0.1) -> Iterator[Comparison]:
     """Yield the comparison as it fills. `documents` skips retrieval (regenerate on fixed chunks);
-    `adapter_paths` maps adapter names to folders, attached on first use."""
+    `adapter_paths` maps adapter names to folders, attached on first use; `api_key` is the key the
+    visitor typed for the OpenAI-compatible columns."""
     question = validate_question(question, config.MAX_QUESTION_CHARS)
     check_systems(systems, spec)
     state = Comparison(question, params, columns=[Column(s) for s in systems])
@@ -129,7 +131,7 @@ def _groups(state: Comparison) -> list[list[Column]]:
 
 
 def _answer_group(state: Comparison, cols: list[Column], params: GenParams,
-                  api_key: str | None, adapter_paths: dict[str, str]) -> None:
+                  api_key: Secret | None, adapter_paths: dict[str, str]) -> None:
     try:
         cols = _attach_adapters(cols, adapter_paths)
         if not cols:
@@ -173,7 +175,7 @@ def _attach_adapters(cols: list[Column], adapter_paths: dict[str, str]) -> list[
 
 
 def _open_stream(cols: list[Column], prompts: list[list[dict[str, str]]], params: GenParams,
-                 api_key: str | None) -> GenerationStream:
+                 api_key: Secret | None) -> GenerationStream:
     system = cols[0].system
     if system.kind == "openai":
         return OpenAIBackend(system.base_url or None, api_key, system.model).stream(prompts, params)

@@ -6,19 +6,19 @@ loaded copy of the model (and its LoRA adapters) with the compare and evaluate f
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from haystack import Pipeline, component, default_from_dict, default_to_dict
 from haystack.core.serialization import allow_deserialization_module
 from haystack.dataclasses import ChatMessage
-from haystack.utils import Secret
+from haystack.utils import Secret as HaystackSecret
 
 from core import config
 from core.generation import GenParams
 from core.model_files import ModelNotFoundError, UnsupportedModelError, resolve
 from core.models import get_hub
+from core.secrets import OPERATOR_KEY_ENV, Secret, api_key_for, is_operator_endpoint
 from core.systems import BASE
 from pipelines.spec import GeneratorSpec, SpecError
 
@@ -89,20 +89,24 @@ def chat_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
-def make_generator(spec: GeneratorSpec) -> Any:
-    """The Haystack chat generator a GeneratorSpec describes (not warmed up)."""
+def make_generator(spec: GeneratorSpec, api_key: Secret | None = None) -> Any:
+    """The Haystack chat generator a GeneratorSpec describes (not warmed up). `api_key`: the
+    key a visitor typed; without one, the operator's OPENAI_API_KEY serves the operator's endpoint
+    only, and another base URL gets a stand-in (local servers check no key)."""
     if spec.kind == "local":
         return LocalChatGenerator(spec.model, {"max_new_tokens": spec.max_new_tokens,
                                                "temperature": spec.temperature})
     from haystack.components.generators.chat import OpenAIChatGenerator
 
-    if os.environ.get(spec.api_key_env):
-        key = Secret.from_env_var(spec.api_key_env)
-    elif spec.base_url:
-        key = Secret.from_token(LOCAL_SERVER_KEY)
+    if api_key is not None:
+        key = HaystackSecret.from_token(api_key.reveal())  # Haystack refuses to serialise it
+    elif is_operator_endpoint(spec.base_url):
+        if api_key_for(spec.base_url, None) is None:
+            raise SpecError(f"The OpenAI generator needs an API key: set the {OPERATOR_KEY_ENV} "
+                            "environment variable, or give the base URL of a local server.")
+        key = HaystackSecret.from_env_var(OPERATOR_KEY_ENV)  # serialised as the variable's name
     else:
-        raise SpecError(f"The OpenAI generator needs an API key: set the {spec.api_key_env} "
-                        "environment variable, or give the base URL of a local server.")
+        key = HaystackSecret.from_token(LOCAL_SERVER_KEY)
     return OpenAIChatGenerator(api_key=key, model=spec.model, api_base_url=spec.base_url,
                                generation_kwargs={"max_completion_tokens": spec.max_new_tokens,
                                                   "temperature": spec.temperature})

@@ -8,6 +8,7 @@ A built index lives in config.subdir("indexes")/<name>/ (see pipelines.indexing)
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -30,7 +31,7 @@ SPLIT_BY = get_args(SplitBy)  # the choices the RAG tab offers
 RETRIEVERS = get_args(RetrieverKind)
 
 MAX_TOP_K = 100
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+logger = logging.getLogger(__name__)
 
 # A ChatPromptBuilder string template. Small models follow a short, explicit instruction best, and
 # numbered passages let a reader check which one an answer came from.
@@ -70,7 +71,8 @@ class SplitterSpec(Spec):
 
 
 class GeneratorSpec(Spec):
-    """Which model answers. The API key itself is never stored: only the name of its env variable."""
+    """Which model answers. No key is part of it: the operator's OPENAI_API_KEY serves only the
+    operator's endpoint, any other base URL gets the key its visitor typed (core.secrets)."""
 
     noun = "generator"
     error = SpecError
@@ -81,7 +83,6 @@ class GeneratorSpec(Spec):
                         "or the endpoint's model name")
     base_url: str | None = Field(None, description="OpenAI-compatible server (vLLM, TGI, Ollama, "
                                  "transformers serve), e.g. http://127.0.0.1:8000/v1")
-    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
     max_new_tokens: WholeNumber = Field(128, ge=1, le=8192, description="answer length limit in tokens")
     temperature: Number = Field(0.0, ge=0, le=2, description="0 is greedy decoding")
 
@@ -92,12 +93,16 @@ class GeneratorSpec(Spec):
             raise SpecError(f"The base URL '{url}' must start with http:// or https://.")
         return url
 
-    @field_validator("api_key_env")
+    @model_validator(mode="before")
     @classmethod
-    def _env_name(cls, name: str) -> str:
-        if not _ENV_NAME.fullmatch(name):
-            raise SpecError(f"'{name}' is not an environment variable name.")
-        return name
+    def _drop_api_key_env(cls, data: Any) -> Any:
+        # Specs saved before keys left the spec named an env variable to send as the bearer
+        # token; such a spec still loads, and the field is ignored.
+        if isinstance(data, dict) and "api_key_env" in data:
+            logger.info("Ignoring api_key_env=%r in a stored generator spec: keys are no longer "
+                        "named by specs.", data["api_key_env"])
+            data = {k: v for k, v in data.items() if k != "api_key_env"}
+        return data
 
 
 def _blank_is_none(value: Any) -> Any:

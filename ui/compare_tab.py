@@ -10,6 +10,7 @@ from jobs.services import Services
 from core.systems import System
 from pipelines.compare import MAX_SYSTEMS, Comparison, compare
 from ui.common import GENERATE, user_errors
+from ui.keys import KeyRing, remember
 from ui.tables import chunks_table
 
 NONE, OPENAI = "(off)", "OpenAI-compatible"
@@ -20,7 +21,8 @@ def system_choices(services: Services, model_ref: str) -> list[str]:
     return [NONE, "base", *services.adapters.names(model_ref), OPENAI]
 
 
-def build(services: Services) -> None:
+def build(services: Services, keys: gr.State) -> None:
+    """`keys`: the visitor's session keyring (ui.keys), shared with the Evaluate tab."""
     gr.Markdown("Ask one question of several systems at once: the base model and fine-tuned "
                 "adapters, each with or without RAG. Retrieval runs once, every system gets the "
                 "same prompt template and decoding, and all local systems answer in one batch.")
@@ -52,8 +54,8 @@ def build(services: Services) -> None:
             base_url = gr.Textbox(label="Base URL (empty = OpenAI)",
                                   placeholder="http://127.0.0.1:8000/v1")
             remote_model = gr.Textbox(label="Served model name")
-            api_key = gr.Textbox(label="API key (this session only, never stored)",
-                                 type="password")
+            api_key = gr.Textbox(label="API key (kept for this browser session only, never "
+                                 "stored)", type="password")
     with gr.Accordion("Decoding (shared by every system)", open=False):
         with gr.Row():
             max_new_tokens = gr.Slider(8, 512, value=96, step=8, label="Max new tokens")
@@ -82,9 +84,10 @@ def build(services: Services) -> None:
     vote_status = gr.Markdown()
 
     row_inputs = [w for pair in rows for w in pair]
-    inputs = [question, model, pipeline, base_url, remote_model, api_key, max_new_tokens,
+    inputs = [keys, question, model, pipeline, base_url, remote_model, api_key, max_new_tokens,
               temperature, top_p, seed, *row_inputs]
     outputs = [chunks, *answers, *stats, last, vote_a, vote_b, *vote_buttons]
+    outputs_and_keys = [*outputs, keys]
 
     def systems_from(model_ref, pipe, url, remote, values) -> list[System]:
         systems = []
@@ -114,8 +117,9 @@ def build(services: Services) -> None:
         out += [gr.update(interactive=final)] * len(CHOICES)
         return out
 
-    def run(q, model_ref, pipe, url, remote, key, max_tokens, temp, top, seed_value, values,
-            documents=None):
+    def run(ring: KeyRing, q, model_ref, pipe, url, remote, key, max_tokens, temp, top,
+            seed_value, values, documents=None):
+        ring, secret = remember(ring, url, key)
         params = GenParams(max_new_tokens=int(max_tokens), temperature=float(temp),
                            top_p=float(top), seed=int(seed_value or 0))
         systems = systems_from(model_ref, pipe, url, remote, values)
@@ -124,24 +128,24 @@ def build(services: Services) -> None:
             index = services.indexes.get(pipe)
             spec = index.spec
         state = None
-        for state in compare(q, systems, params, spec, index, api_key=(key or None),
+        for state in compare(q, systems, params, spec, index, api_key=secret,
                              documents=documents, adapter_paths=services.adapters.paths()):
-            yield render(state, final=False)
-        yield render(state, final=True)
+            yield [*render(state, final=False), ring]
+        yield [*render(state, final=True), ring]
 
     @user_errors
-    def do_compare(q, model_ref, pipe, url, remote, key, max_tokens, temp, top, seed_value,
+    def do_compare(ring, q, model_ref, pipe, url, remote, key, max_tokens, temp, top, seed_value,
                    *values):
-        yield from run(q, model_ref, pipe, url, remote, key, max_tokens, temp, top, seed_value,
-                       values)
+        yield from run(ring, q, model_ref, pipe, url, remote, key, max_tokens, temp, top,
+                       seed_value, values)
 
     @user_errors
-    def do_regenerate(previous, q, model_ref, pipe, url, remote, key, max_tokens, temp, top,
+    def do_regenerate(previous, ring, q, model_ref, pipe, url, remote, key, max_tokens, temp, top,
                       seed_value, *values):
         # Same question and chunks: only the answers are drawn again (a new seed when sampling).
         documents = previous.documents if previous and previous.question == q.strip() else None
         new_seed = int(seed_value or 0) + (1 if float(temp) > 0 else 0)
-        yield from run(q, model_ref, pipe, url, remote, key, max_tokens, temp, top, new_seed,
+        yield from run(ring, q, model_ref, pipe, url, remote, key, max_tokens, temp, top, new_seed,
                        values, documents)
 
     def do_clear():
@@ -187,9 +191,10 @@ def build(services: Services) -> None:
         return [v for choice, use_rag in plan for v in (choice, use_rag)]
 
 
-    ask.click(do_compare, inputs=inputs, outputs=outputs, api_name="compare", **GENERATE)
-    question.submit(do_compare, inputs=inputs, outputs=outputs, api_name=False, **GENERATE)
-    regenerate.click(do_regenerate, inputs=[last, *inputs], outputs=outputs,
+    ask.click(do_compare, inputs=inputs, outputs=outputs_and_keys, api_name="compare", **GENERATE)
+    question.submit(do_compare, inputs=inputs, outputs=outputs_and_keys, api_name=False,
+                    **GENERATE)
+    regenerate.click(do_regenerate, inputs=[last, *inputs], outputs=outputs_and_keys,
                      api_name="regenerate", **GENERATE)
     clear.click(do_clear, outputs=outputs, api_name="clear")
     for button, choice in zip(vote_buttons, CHOICES):

@@ -8,10 +8,11 @@ import pandas as pd
 from core import config
 from core.geval import BUILTIN
 from core.systems import BASE, System
-from jobs.evaluate import EvalSpec, JudgeSpec, set_session_api_key
+from jobs.evaluate import EvalSpec, JudgeSpec
 from jobs.services import Services
 from ui import charts
 from ui.common import START_JOB, STATS, fmt_seconds, user_errors, visitor
+from ui.keys import KeyRing, remember
 
 SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
                    "base", "diff", "diff_ci_low", "diff_ci_high"]
@@ -40,7 +41,8 @@ def summary_frame(rows: list[dict]) -> pd.DataFrame:
     return df.round(3)
 
 
-def build(services: Services) -> None:
+def build(services: Services, keys: gr.State) -> None:
+    """`keys`: the visitor's session keyring (ui.keys), shared with the Compare tab."""
     gr.Markdown("Batch G-Eval, as in the study: every answer is judged for accuracy and "
                 "completeness against the reference answer (1-5), repeated and averaged. "
                 "**The embedded 135M judge works offline but is a weak judge**: for real "
@@ -65,7 +67,8 @@ def build(services: Services) -> None:
             judge_kind = gr.Radio(["local", "openai"], value="local", label="Judge")
             judge_model = gr.Textbox(config.DEFAULT_CHAT_MODEL, label="Judge model")
             judge_url = gr.Textbox(label="Judge base URL (OpenAI-compatible; empty = OpenAI)")
-            judge_key = gr.Textbox(label="API key (this session only)", type="password")
+            judge_key = gr.Textbox(label="API key (kept for this browser session only)",
+                                   type="password")
         with gr.Row():
             metrics = gr.CheckboxGroup(list(BUILTIN), value=list(BUILTIN), label="Metrics")
             method = gr.Radio(["logprobs", "sampling"], value="logprobs", label="Scoring")
@@ -118,8 +121,8 @@ def build(services: Services) -> None:
         sql_note = gr.Markdown()
 
     @user_errors
-    def do_start(ds, n, sd, name, model_ref, pipe, max_tokens, chosen, jk, jm, ju, key, mets,
-                 meth, reps, samp, reason, cname, ccrit, csteps, request: gr.Request):
+    def do_start(ring: KeyRing, ds, n, sd, name, model_ref, pipe, max_tokens, chosen, jk, jm, ju,
+                 key, mets, meth, reps, samp, reason, cname, ccrit, csteps, request: gr.Request):
         candidates = candidate_systems(services, model_ref)
         picked = [candidates[label] for label in chosen or [] if label in candidates]
         metric_list: list = list(mets or [])
@@ -127,17 +130,16 @@ def build(services: Services) -> None:
             metric_list.append({"name": cname.strip(), "criteria": ccrit or "",
                                 "steps": (csteps or "").strip() or None})
         judge_url_value = (ju or "").strip() or None
-        if (key or "").strip():
-            set_session_api_key(judge_url_value, key.strip())
+        ring, _ = remember(ring, judge_url_value, key)
         spec = EvalSpec(
             dataset_id=ds, systems=picked, name=(name or "").strip(),
             judge=JudgeSpec(kind=jk, model=(jm or "").strip(), base_url=judge_url_value),
             metrics=metric_list, n_items=int(n) if n else None, seed=int(sd or 0),
             pipeline=pipe or None, repeats=int(reps or 1), method=meth, samples=int(samp or 1),
             reasoning=bool(reason), decoding={"max_new_tokens": int(max_tokens or 48)})
-        job_id = services.evaluations.start(spec, visitor(request))
+        job_id = services.evaluations.start(spec, visitor(request), ring)
         return (f"Started run `{job_id}`: {len(picked)} systems × {len(metric_list)} metrics.",
-                gr.update(choices=runs_choices(services), value=job_id))
+                gr.update(choices=runs_choices(services), value=job_id), ring)
 
     def show_run(run_id):
         if not run_id:
@@ -185,19 +187,19 @@ def build(services: Services) -> None:
         return "Cancel requested; finished answers and judgments stay stored."
 
     @user_errors
-    def do_resume(run_id, request: gr.Request):
-        services.jobs.resume(run_id or "", visitor(request))
+    def do_resume(ring: KeyRing, run_id, request: gr.Request):
+        services.evaluations.resume(run_id or "", visitor(request), ring)
         return "Resumed: finished (item, system, metric, repeat) keys are not redone."
 
     def study():
         rows = services.evaluations.study_rows()
         return charts.study(rows), pd.DataFrame(rows, columns=STUDY_COLUMNS).round(3)
 
-    start.click(do_start, inputs=[dataset, n_items, seed, run_name, model, pipeline,
+    start.click(do_start, inputs=[keys, dataset, n_items, seed, run_name, model, pipeline,
                                   max_new_tokens, systems, judge_kind, judge_model, judge_url,
                                   judge_key, metrics, method, repeats, samples, reasoning,
                                   custom_name, custom_criteria, custom_steps],
-                outputs=[start_status, run], api_name="start_eval", **START_JOB)
+                outputs=[start_status, run, keys], api_name="start_eval", **START_JOB)
     run.change(show_run, inputs=run, outputs=[run_status, summary, chart, items],
                api_name="eval_summary", **STATS)
     refresh.click(lambda: gr.update(choices=runs_choices(services)), outputs=run,
@@ -205,7 +207,7 @@ def build(services: Services) -> None:
     gr.Timer(3.0).tick(show_run, inputs=run, outputs=[run_status, summary, chart, items],
                        api_name=False, show_progress="hidden")
     cancel.click(do_cancel, inputs=run, outputs=run_status, api_name="cancel_eval")
-    resume.click(do_resume, inputs=run, outputs=run_status, api_name="resume_eval")
+    resume.click(do_resume, inputs=[keys, run], outputs=run_status, api_name="resume_eval")
     items.select(pick_item, inputs=[run, items], outputs=item_detail, api_name=False)
     export_btn.click(do_export, inputs=[run, export_fmt], outputs=export_files,
                      api_name="export_eval")

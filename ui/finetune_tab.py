@@ -5,6 +5,7 @@ import gradio as gr
 import pandas as pd
 
 from core import config
+from core.secrets import Secret
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
 from ui import charts
@@ -124,7 +125,12 @@ def build(services: Services) -> None:
         import_source = gr.Textbox(label="Load an adapter: folder or Hub id")
         import_btn = gr.Button("Load adapter")
         repo_id = gr.Textbox(label="Push to Hub repo (owner/name)")
-        hf_token = gr.Textbox(label="HF token (this request only)", type="password")
+        # On a Space visitors sign in and push with their own account; elsewhere HF_TOKEN or a
+        # token typed for this request.
+        if config.ON_SPACE:
+            gr.LoginButton("Sign in with Hugging Face")
+        hf_token = gr.Textbox(label="HF token (this request only)", type="password",
+                              visible=not config.ON_SPACE)
         push = gr.Button("Push to Hub")
     adapter_status = gr.Markdown()
     details = gr.JSON(label="Spec and metrics")
@@ -182,7 +188,9 @@ def build(services: Services) -> None:
         return adapters_table(services), f"Loaded adapter `{loaded}`."
 
     @user_errors
-    def do_push(name_value, repo, token):
+    def do_push(name_value, repo, typed, oauth_token: gr.OAuthToken | None):
+        # Gradio fills oauth_token from the visitor's sign-in (None when not signed in).
+        token = Secret(oauth_token.token) if oauth_token else Secret.typed(typed)
         return f"Pushed: {services.adapters.push(name_value, repo, token)}"
 
     cpu.click(lambda: form_values(FinetuneSpec.cpu_preset()), outputs=form, api_name=False)

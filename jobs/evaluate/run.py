@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from core.evalstats import summarize_run
 from core.geval import FormInput, Metric, get_steps, judge_batch, make_judge, metric_from
@@ -35,6 +35,7 @@ from core.generation import GenParams, Generation
 from core.models import ModelHub
 from core.openai_backend import OpenAIBackend
 from core.schema import InputError, QAExample
+from core.secrets import Secret, endpoint
 from core.store import Store
 from core.systems import BASE, System
 from jobs.evaluate.spec import KIND, REPEATS_NOTE, EvalSpec, EvalSpecError
@@ -51,18 +52,6 @@ class RetriesExhaustedError(RuntimeError):
 
 
 # ---------------------------------------------------------------- preflight
-
-_SESSION_KEYS: dict[str, str] = {}
-
-
-def set_session_api_key(base_url: str | None, api_key: str) -> None:
-    """Keep an API key in this process's memory for evaluations against `base_url` (None: OpenAI).
-    It is never written to the spec, the database or a log; OPENAI_API_KEY is the fallback."""
-    _SESSION_KEYS[base_url or ""] = api_key
-
-
-def _api_key(base_url: str | None) -> str | None:
-    return _SESSION_KEYS.get(base_url or "")
 
 
 @dataclass
@@ -134,10 +123,21 @@ def _check_no_leakage(res: EvalResources, spec: EvalSpec, plan: Plan) -> None:
                 "items outside its training set (the dataset's split keeps them apart), or drop it.")
 
 
-def start_evaluation(res: EvalResources, runner: JobRunner, spec: EvalSpec) -> str:
-    """Check the request, then start it as a background job; returns the job id (= run id)."""
+def start_evaluation(res: EvalResources, runner: JobRunner, spec: EvalSpec,
+                     keys: Mapping[str, Secret] | None = None) -> str:
+    """Check the request, then start it as a background job; returns the job id (= run id).
+    `keys` (endpoint -> the visitor's key) travel in memory with this run only; the job gets
+    those of the endpoints the spec talks to."""
     preflight(res, spec)
-    return runner.start(KIND, spec.to_dict())
+    return runner.start(KIND, spec.to_dict(), secrets=keys_for(spec, keys))
+
+
+def keys_for(spec: EvalSpec, keys: Mapping[str, Secret] | None) -> dict[str, Secret]:
+    """The visitor's keys for the endpoints this spec talks to (judge and OpenAI systems)."""
+    wanted = {endpoint(s.base_url) for s in spec.systems if s.kind == "openai"}
+    if spec.judge.kind == "openai":
+        wanted.add(endpoint(spec.judge.base_url))
+    return {e: key for e, key in (keys or {}).items() if e in wanted}
 
 
 def evaluation_job(res: EvalResources) -> Callable[[JobContext], dict[str, Any]]:
@@ -152,7 +152,7 @@ def run_evaluation(ctx: JobContext, res: EvalResources, spec: EvalSpec) -> dict[
     plan = preflight(res, spec)
     store = res.store
     judge = make_judge(spec.judge.kind, spec.judge.model, spec.judge.base_url,
-                       spec.judge.adapter or BASE, _api_key(spec.judge.base_url))
+                       spec.judge.adapter or BASE, ctx.secrets.get(endpoint(spec.judge.base_url)))
     paths = res.adapter_paths()
     for model, adapter in _local_adapters(plan.systems, spec):
         if adapter not in res.hub.list_adapters(model):
@@ -337,7 +337,7 @@ def _answer_all(ctx: JobContext, res: EvalResources, spec: EvalSpec, plan: Plan,
         with _cancel_event(ctx) as cancel, ThreadPoolExecutor(len(calls)) as pool:
             futures = [(rows, prompts, pool.submit(_retry, ctx, spec.retry_delays,
                                                    f"Answering with {rows[0][1].model}",
-                                                   lambda r=rows, p=prompts: _generate(res.hub, r, p, params, cancel)))
+                                                   lambda r=rows, p=prompts: _generate(ctx, res.hub, r, p, params, cancel)))
                        for rows, prompts in calls]
             for rows, prompts, future in futures:
                 try:
@@ -355,12 +355,12 @@ def _answer_all(ctx: JobContext, res: EvalResources, spec: EvalSpec, plan: Plan,
             raise errors[0]
 
 
-def _generate(hub: ModelHub, rows: list[tuple[QAExample, System]], prompts: list[Any],
-              params: GenParams, cancel: threading.Event) -> list[Generation]:
+def _generate(ctx: JobContext, hub: ModelHub, rows: list[tuple[QAExample, System]],
+              prompts: list[Any], params: GenParams, cancel: threading.Event) -> list[Generation]:
     system = rows[0][1]
     if system.kind == "openai":
-        backend = OpenAIBackend(system.base_url or None, _api_key(system.base_url), system.model,
-                                max_retries=0)
+        backend = OpenAIBackend(system.base_url or None, ctx.secrets.get(endpoint(system.base_url)),
+                                system.model, max_retries=0)
         return backend.generate(prompts, params)
     return hub.generate(system.model, prompts, [s.adapter for _, s in rows], params, cancel)
 

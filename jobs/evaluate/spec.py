@@ -44,7 +44,7 @@ class JudgeSpec(Spec):
         "local", description="local (ModelHub) or openai (any OpenAI-compatible endpoint)")
     model: Text = Field(config.DEFAULT_CHAT_MODEL, description="the judge model")
     base_url: str | None = Field(None, description="OpenAI-compatible base URL ending in /v1 "
-                                 "(key from OPENAI_API_KEY)")
+                                 "(empty: the app's endpoint and key)")
     adapter: str | None = Field(BASE, description="LoRA adapter of a local judge")
 
 
