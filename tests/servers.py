@@ -1,13 +1,17 @@
-"""Real things tests need beside the app: random-init LoRA adapters and an OpenAI-compatible
-server (`transformers serve` on the converted 135M model, on a free loopback port)."""
+"""Real things tests need beside the app: random-init LoRA adapters, an OpenAI-compatible
+server (`transformers serve` on the converted 135M model, on a free loopback port), and a small
+OpenAI-compatible HTTP server that records the key each request carries."""
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -68,3 +72,81 @@ def served_model(timeout: float = 180, port: int | None = None) -> Iterator[tupl
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+class KeyRecordingServer(ThreadingHTTPServer):
+    """/v1/chat/completions answering `reply` to everything (streamed or not, with logprobs when
+    asked), recording each request's Authorization header in `auth`. With `key`, a request
+    carrying another key gets 401, as a hosted endpoint answers."""
+
+    daemon_threads = True
+
+    def __init__(self, reply: str = "3", key: str | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _ChatHandler)
+        self.reply, self.key = reply, key
+        self.auth: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def record(self, header: str) -> None:
+        with self._lock:
+            self.auth.append(header)
+
+
+class _ChatHandler(BaseHTTPRequestHandler):
+    server: KeyRecordingServer
+
+    def log_message(self, *args) -> None:  # quiet test output
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        auth = self.headers.get("Authorization", "")
+        self.server.record(auth)
+        if self.server.key is not None and auth != f"Bearer {self.server.key}":
+            return self._json(401, {"error": {"message": "Incorrect API key provided.",
+                                              "type": "invalid_request_error", "code": "invalid_api_key"}})
+        reply, model = self.server.reply, body.get("model", "m")
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        if body.get("stream"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": reply},
+                                    "finish_reason": None}]},
+                      {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                      {"choices": [], "usage": usage}]
+            for chunk in chunks:
+                event = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model, **chunk}
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+            return
+        top = [{"token": reply, "logprob": 0.0, "bytes": None}]
+        logprobs = {"content": [{**top[0], "top_logprobs": top}]} if body.get("logprobs") else None
+        self._json(200, {"id": "c", "object": "chat.completion", "created": 0, "model": model,
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": reply},
+                                      "logprobs": logprobs, "finish_reason": "stop"}],
+                         "usage": usage})
+
+    def _json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@contextmanager
+def key_recording_server(reply: str = "3", key: str | None = None) -> Iterator[KeyRecordingServer]:
+    server = KeyRecordingServer(reply, key)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

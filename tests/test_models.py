@@ -170,6 +170,7 @@ def test_public_mode_refuses_models_outside_the_allowlist(public, tmp_path):
 
 def test_openai_without_key_is_refused(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(MissingApiKeyError, match="OPENAI_API_KEY"):
         OpenAIBackend(None, None, "gpt-4o-mini")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-real")

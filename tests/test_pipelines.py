@@ -13,9 +13,10 @@ from haystack import Pipeline
 from core.datasets import QADataset, load_preset
 from core.model_files import AdapterError
 from core.schema import InputError, QAExample, split_of
+from core.secrets import Secret
 from core.store import Store
 from core.systems import BASE
-from pipelines.components import LocalChatGenerator, make_generator
+from pipelines.components import LOCAL_SERVER_KEY, LocalChatGenerator, make_generator
 from pipelines.indexing import IndexCancelled, IndexNotFoundError, build_index, load_index
 from pipelines.query import (build_prompt, build_query_pipeline, build_rag_pipeline, documents_output,
                              pipeline_yaml, query_inputs, retrieval_metrics, retrieve)
@@ -242,13 +243,21 @@ def test_prompt_carries_question_and_passages_in_order():
 
 def test_openai_generator_needs_a_key_or_a_local_server(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(SpecError, match="set the OPENAI_API_KEY"):
         make_generator(GeneratorSpec(kind="openai", model="gpt-4o-mini"))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-stored")
     local = make_generator(GeneratorSpec(kind="openai", model="m", base_url="http://127.0.0.1:9/v1"))
     assert local.api_base_url == "http://127.0.0.1:9/v1"
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-stored")
+    assert local.api_key.resolve_value() == LOCAL_SERVER_KEY  # the env key is not for this URL
     hosted = make_generator(GeneratorSpec(kind="openai", model="gpt-4o-mini"))
+    assert hosted.api_key.resolve_value() == "sk-test-not-stored"
     assert "sk-test-not-stored" not in json.dumps(hosted.to_dict())  # secrets never serialised
+    typed = make_generator(GeneratorSpec(kind="openai", model="m", base_url="http://127.0.0.1:9/v1"),
+                           Secret("sk-typed"))
+    assert typed.api_key.resolve_value() == "sk-typed"
+    with pytest.raises(ValueError, match="Cannot serialize token-based secret"):
+        typed.to_dict()
 
 
 # ---------------------------------------------------------------- the local generator

@@ -184,7 +184,7 @@ STORED_PIPELINE = {
     "embedder": "all-minilm-l6-v2", "retriever": "bm25", "top_k": 3, "ranker": None,
     "prompt_template": '{% message role="user" %}{{ question }}{% endmessage %}',
     "generator": {"kind": "local", "model": "smollm2-135m-instruct", "base_url": None,
-                  "api_key_env": "OPENAI_API_KEY", "max_new_tokens": 128, "temperature": 0.0}}
+                  "max_new_tokens": 128, "temperature": 0.0}}
 STORED_EVAL = {
     "dataset_id": "sample:bioasq",
     "systems": [{"kind": "local", "model": "smollm2-135m-instruct", "adapter": "__base__", "rag": True,
