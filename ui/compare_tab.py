@@ -51,7 +51,7 @@ def build(services: Services, keys: gr.State) -> None:
                 rows.append((choice, rag))
     with gr.Accordion("OpenAI-compatible endpoint", open=False):
         with gr.Row():
-            base_url = gr.Textbox(label="Base URL (empty = OpenAI)",
+            base_url = gr.Textbox(label="Base URL (empty = the app's endpoint)",
                                   placeholder="http://127.0.0.1:8000/v1")
             remote_model = gr.Textbox(label="Served model name")
             api_key = gr.Textbox(label="API key (kept for this browser session only, never "

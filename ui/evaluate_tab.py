@@ -66,7 +66,8 @@ def build(services: Services, keys: gr.State) -> None:
         with gr.Row():
             judge_kind = gr.Radio(["local", "openai"], value="local", label="Judge")
             judge_model = gr.Textbox(config.DEFAULT_CHAT_MODEL, label="Judge model")
-            judge_url = gr.Textbox(label="Judge base URL (OpenAI-compatible; empty = OpenAI)")
+            judge_url = gr.Textbox(label="Judge base URL (OpenAI-compatible; empty = the app's "
+                                   "endpoint)")
             judge_key = gr.Textbox(label="API key (kept for this browser session only)",
                                    type="password")
         with gr.Row():

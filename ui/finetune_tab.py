@@ -1,6 +1,9 @@
 """Fine-tune tab: the study's knobs, a live loss chart, and the adapters list."""
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 import gradio as gr
 import pandas as pd
 
@@ -11,6 +14,7 @@ from jobs.services import Services
 from ui import charts
 from ui.common import START_JOB, fmt_seconds, job_status, user_errors, visitor
 
+logger = logging.getLogger(__name__)
 FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
         "lora_alpha", "lora_dropout", "target_modules", "qlora", "epochs", "lr", "lr_schedule",
         "warmup_ratio", "micro_batch_size", "grad_accum", "max_length", "seed", "val_size",
@@ -53,6 +57,18 @@ def loss_frame(points: list[dict]) -> pd.DataFrame:
             for p in points for key, label in (("train_loss", "train"), ("val_loss", "validation"))
             if p.get(key) is not None]
     return pd.DataFrame(rows, columns=["step", "loss", "curve"])
+
+
+def can_sign_in() -> bool:
+    """On a Space with Gradio's OAuth extras (gradio[oauth]); without them the sign-in button
+    would stop the app from starting, so the token box stays instead."""
+    if not config.ON_SPACE:
+        return False
+    missing = [m for m in ("itsdangerous", "authlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        logger.warning("No 'Sign in with Hugging Face' button: install gradio[oauth] (missing %s).",
+                       ", ".join(missing))
+    return not missing
 
 
 def build(services: Services) -> None:
@@ -127,10 +143,11 @@ def build(services: Services) -> None:
         repo_id = gr.Textbox(label="Push to Hub repo (owner/name)")
         # On a Space visitors sign in and push with their own account; elsewhere HF_TOKEN or a
         # token typed for this request.
-        if config.ON_SPACE:
+        sign_in = can_sign_in()
+        if sign_in:
             gr.LoginButton("Sign in with Hugging Face")
         hf_token = gr.Textbox(label="HF token (this request only)", type="password",
-                              visible=not config.ON_SPACE)
+                              visible=not sign_in)
         push = gr.Button("Push to Hub")
     adapter_status = gr.Markdown()
     details = gr.JSON(label="Spec and metrics")
