@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -19,10 +18,13 @@ from core.model_files import SMOLLM2, model_path
 from core.schema import QAExample
 from core.store import Store
 from core.systems import BASE, System
+from core.testhooks import GATE_ENV
 from jobs.evaluate import EvalSpec, EvalSpecError, JudgeSpec, preflight, select_examples
+from jobs.runner import TERMINAL
 from jobs.services import build_services
 from pipelines import indexing
 from pipelines.spec import PipelineSpec, SpecError, save_spec
+from tests.gates import Gate
 from tests.servers import free_port, served_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,15 +55,6 @@ def bm25(services) -> str:
     indexing.build_index(spec, services.datasets.get("sample:bioasq").corpus)
     save_spec(spec, store=services.store)
     return spec.name
-
-
-def wait_for(predicate, timeout: float = 600) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def count(store: Store, table: str, run_id: str) -> int:
@@ -162,15 +155,20 @@ def _rows(store: Store, run_id: str) -> tuple[list, list]:
 
 
 @pytest.fixture(scope="module")
-def resumed_run(services, bm25):
+def resumed_run(services, bm25, tmp_path_factory):
     """2 items x (base, base+RAG) x (accuracy, completeness): cancelled while judging, resumed."""
     spec = EvalSpec.from_dict(spec_dict(systems=[BASE_SYSTEM, RAG_SYSTEM], pipeline=bm25,
                                         metrics=[ACCURACY, COMPLETENESS]))
     store, runner = services.store, services.runner
-    run_id = services.evaluations.start(spec)
-    assert wait_for(lambda: count(store, "judgments", run_id) >= 1), runner.log_tail(run_id)
-    runner.cancel(run_id)
-    cancelled = runner.wait(run_id)
+    judged = Gate(tmp_path_factory.mktemp("gates"), "eval-judgment")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(GATE_ENV, str(judged.folder))
+        judged.arm()
+        run_id = services.evaluations.start(spec)
+        judged.wait_reached(alive=lambda: runner.get(run_id)["status"] not in TERMINAL)
+        runner.cancel(run_id)  # lands while the run is held right after its first judgment
+        judged.release()
+        cancelled = runner.wait(run_id)
     before = _rows(store, run_id)
     run_status = store.get_eval_run(run_id)["status"]
     runner.resume(run_id)

@@ -38,6 +38,7 @@ from core.schema import InputError, QAExample
 from core.secrets import Secret, endpoint
 from core.store import Store
 from core.systems import BASE, System
+from core.testhooks import gate
 from jobs.evaluate.spec import KIND, REPEATS_NOTE, EvalSpec, EvalSpecError
 from jobs.runner import JobCancelled, JobContext, JobRunner
 from pipelines.compare import closed_book_messages
@@ -403,6 +404,7 @@ def _judge_all(ctx: JobContext, store: Store, spec: EvalSpec, plan: Plan, judge:
                         store.save_judgment(ctx.job_id, example.id, sid, repeat, judgment.to_row())
                         written.add(left[k])
                         tracker.judged()
+                        gate("eval-judgment")  # tests stop a run here (core.testhooks)
 
                 _retry(ctx, spec.retry_delays, f"The judge {judge.id}", attempt)
                 tracker.publish_means()
