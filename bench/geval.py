@@ -76,8 +76,8 @@ def end_to_end(n_items: int, new_tokens: int, adapter_dir: Path) -> dict:
 def _run(services, spec) -> str:
     job_id = services.runner.start("evaluate", spec.to_dict())
     job = services.runner.wait(job_id)
-    if job["status"] != "done":
-        raise RuntimeError(f"bench run {job_id} ended {job['status']}: {job['error']}")
+    if job.status != "done":
+        raise RuntimeError(f"bench run {job_id} ended {job.status}: {job.error}")
     return job_id
 
 

@@ -142,7 +142,7 @@ def summarize_run(store: "Store", run_id: str, n_boot: int = N_BOOTSTRAP,
     run = store.get_eval_run(run_id)
     if run is None:
         raise ValueError(f"No evaluation run with id '{run_id}'.")
-    systems = (run.get("spec") or {}).get("systems", [])
+    systems = (run.spec or {}).get("systems", [])
     return summarize(store.eval_judgments(run_id), default_bases(systems), n_boot, seed)
 
 

@@ -18,10 +18,15 @@ import duckdb
 
 from core import config
 from core.names import inside, new_id
+from core.records import AdapterRecord, EvalRunRecord, JobRecord
 from core.schema import DEFAULT_SPLIT, QAExample, SplitSetting
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-JOB_JSON_COLUMNS = ("spec", "result")
+
+# An eval run's row with its stored answer and judgment counts (core.records.EvalRunRecord).
+EVAL_RUN_SELECT = ("SELECT r.*, (SELECT count(*) FROM answers a WHERE a.run_id = r.id) AS n_answers, "
+                   "(SELECT count(*) FROM judgments g WHERE g.run_id = r.id) AS n_judgments "
+                   "FROM eval_runs r")
 
 
 # Shown in the SQL box: they double as documentation of how the tables join.
@@ -167,27 +172,27 @@ class Store:
     def update_job(self, job_id: str, **fields: Any) -> None:
         """Set the given columns (JSON columns take Python objects) and touch updated_at."""
         fields["updated_at"] = now()
-        for col in JOB_JSON_COLUMNS:
+        for col in JobRecord.JSON_COLUMNS:
             if col in fields and fields[col] is not None:
                 fields[col] = json.dumps(fields[col])
         cols = ", ".join(f"{name} = ?" for name in fields)
         self.execute(f"UPDATE jobs SET {cols} WHERE id = ?", [*fields.values(), job_id])
 
-    def get_job(self, job_id: str) -> dict[str, Any] | None:
+    def get_job(self, job_id: str) -> JobRecord | None:
         rows = self.query("SELECT * FROM jobs WHERE id = ?", [job_id])
-        return _decode_job(rows[0]) if rows else None
+        return JobRecord.from_row(rows[0]) if rows else None
 
-    def list_jobs(self, kind: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def list_jobs(self, kind: str | None = None, limit: int = 50) -> list[JobRecord]:
         where, params = ("WHERE kind = ?", [kind]) if kind else ("", [])
         rows = self.query(
             f"SELECT * FROM jobs {where} ORDER BY created_at DESC LIMIT ?", [*params, limit]
         )
-        return [_decode_job(r) for r in rows]
+        return [JobRecord.from_row(r) for r in rows]
 
-    def job_processes(self) -> list[dict[str, Any]]:
-        """Jobs with a recorded child process group (id, pid, pgid): running, or left by an app
-        that died."""
-        return self.query("SELECT id, pid, pgid FROM jobs WHERE pgid IS NOT NULL ORDER BY id")
+    def job_processes(self) -> list[JobRecord]:
+        """Jobs with a recorded child process group: running, or left by an app that died."""
+        rows = self.query("SELECT * FROM jobs WHERE pgid IS NOT NULL ORDER BY id")
+        return [JobRecord.from_row(r) for r in rows]
 
     def mark_interrupted(self) -> list[str]:
         """Jobs left running or queued by a process that died: interrupted, resumable."""
@@ -259,9 +264,9 @@ class Store:
         return vote_id
 
     # -- adapters ---------------------------------------------------------------------------
-    def list_adapters(self) -> list[dict[str, Any]]:
+    def list_adapters(self) -> list[AdapterRecord]:
         rows = self.query("SELECT * FROM adapters ORDER BY created_at DESC")
-        return [_decode_json(r, ("spec", "metrics")) for r in rows]
+        return [AdapterRecord.from_row(r) for r in rows]
 
     def upsert_adapter(self, name: str, base_model: str, path: str, spec: dict | None = None,
                        metrics: dict | None = None, job_id: str | None = None) -> None:
@@ -302,7 +307,7 @@ class Store:
         return self.query("SELECT * FROM geval_steps ORDER BY metric, judge, created_at DESC")
 
     def create_eval_run(self, run_id: str, job_id: str | None, name: str, dataset_id: str,
-                        spec: dict[str, Any]) -> dict[str, Any]:
+                        spec: dict[str, Any]) -> EvalRunRecord:
         """Insert the run unless it exists; returns the stored row (a resume gets the original)."""
         self.execute(
             "INSERT INTO eval_runs (id, job_id, name, dataset_id, spec, status, created_at, "
@@ -310,24 +315,18 @@ class Store:
             [run_id, job_id, name, dataset_id, json.dumps(spec), now(), now()])
         return self.get_eval_run(run_id)
 
-    def get_eval_run(self, run_id: str) -> dict[str, Any] | None:
-        rows = self.query("SELECT * FROM eval_runs WHERE id = ?", [run_id])
-        return _decode_json(rows[0], ("spec",)) if rows else None
+    def get_eval_run(self, run_id: str) -> EvalRunRecord | None:
+        rows = self.query(f"{EVAL_RUN_SELECT} WHERE r.id = ?", [run_id])
+        return EvalRunRecord.from_row(rows[0]) if rows else None
 
     def set_eval_run_status(self, run_id: str, status: str) -> None:
         self.execute("UPDATE eval_runs SET status = ?, updated_at = ? WHERE id = ?",
                      [status, now(), run_id])
 
-    def list_eval_runs(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest first, with answer/judgment counts and the job's progress."""
-        rows = self.query(
-            "SELECT r.id, r.name, r.dataset_id, r.status, r.created_at, r.updated_at, r.spec, "
-            "j.progress, j.message, j.error, "
-            "(SELECT count(*) FROM answers a WHERE a.run_id = r.id) AS n_answers, "
-            "(SELECT count(*) FROM judgments g WHERE g.run_id = r.id) AS n_judgments "
-            "FROM eval_runs r LEFT JOIN jobs j ON j.id = r.job_id "
-            "ORDER BY r.created_at DESC LIMIT ?", [limit])
-        return [_decode_json(r, ("spec",)) for r in rows]
+    def list_eval_runs(self, limit: int = 100) -> list[EvalRunRecord]:
+        """Newest first, with answer/judgment counts (the job's progress is on its JobRecord)."""
+        rows = self.query(f"{EVAL_RUN_SELECT} ORDER BY r.created_at DESC LIMIT ?", [limit])
+        return [EvalRunRecord.from_row(r) for r in rows]
 
     def delete_eval_run(self, run_id: str) -> None:
         with self.transaction() as cur:
@@ -469,10 +468,6 @@ def _decode_json(row: dict[str, Any], columns: Iterable[str]) -> dict[str, Any]:
         if isinstance(row.get(col), str):
             row[col] = json.loads(row[col])
     return row
-
-
-def _decode_job(row: dict[str, Any]) -> dict[str, Any]:
-    return _decode_json(row, JOB_JSON_COLUMNS)
 
 
 _store: Store | None = None

@@ -19,6 +19,7 @@ from core.model_files import AdapterError
 from core.models import ModelHub
 from core.dataset_presets import PRESETS
 from core.names import check_hub_id, check_name, inside
+from core.records import AdapterRecord
 from core.schema import InputError, SplitSetting
 from core.secrets import Secret
 from core.store import Store
@@ -56,19 +57,19 @@ class AdapterCatalog:
         spec = self.training_spec(spec)  # checks it can run here (public mode: presets only)
         return self.jobs.admit(KIND, visitor, lambda: self.jobs.runner.start(KIND, spec.to_dict()))
 
-    def rows(self) -> list[dict[str, Any]]:
+    def rows(self) -> list[AdapterRecord]:
         return self.store.list_adapters()
 
     def paths(self) -> dict[str, str]:
-        return {r["name"]: r["path"] for r in self.store.list_adapters()}
+        return {r.name: r.path for r in self.store.list_adapters()}
 
     def names(self, model_ref: str) -> list[str]:
         return sorted(set(self.paths()) | set(self.hub.list_adapters(model_ref)))
 
-    def get(self, name: str) -> dict[str, Any]:
-        """The adapter's row; AdapterError for a name that breaks the rule or is unknown."""
+    def get(self, name: str) -> AdapterRecord:
+        """The adapter's record; AdapterError for a name that breaks the rule or is unknown."""
         check_name(name, "Adapter name", AdapterError)
-        row = next((r for r in self.store.list_adapters() if r["name"] == name), None)
+        row = next((r for r in self.store.list_adapters() if r.name == name), None)
         if row is None:
             raise AdapterError(f"No adapter named '{name}'.")
         return row
@@ -114,16 +115,16 @@ class AdapterCatalog:
     def rename(self, old: str, new: str) -> None:
         row = self.get(old)
         new = check_name((new or "").strip(), "New adapter name", AdapterError)
-        if new == old or any(r["name"] == new for r in self.store.list_adapters()):
+        if new == old or any(r.name == new for r in self.store.list_adapters()):
             raise AdapterError(f"Choose a new, unused adapter name (not '{new}').")
-        path = Path(row["path"])
+        path = Path(row.path)
         if self._ours(path, old):  # the folder follows the name
             path = path.rename(adapter_dir(new))
         self.store.rename_adapter(old, new, str(path))
         logger.info("renamed adapter %s to %s", old, new)
 
     def delete(self, name: str) -> None:
-        path = Path(self.get(name)["path"])
+        path = Path(self.get(name).path)
         self.store.delete_adapter(name)
         if self._ours(path, name):
             shutil.rmtree(path, ignore_errors=True)
@@ -136,7 +137,7 @@ class AdapterCatalog:
 
     def zip(self, name: str) -> Path:
         """The adapter folder as a zip (weights, config, spec, metrics; no checkpoints)."""
-        folder = Path(self.get(name)["path"])
+        folder = Path(self.get(name).path)
         if not folder.is_dir():
             raise AdapterError(f"The folder of adapter '{name}' is gone ({folder}).")
         out = inside(config.subdir("exports"), f"{name}.zip")
@@ -159,7 +160,7 @@ class AdapterCatalog:
         if token is None:
             raise InputError("Pushing needs a Hugging Face token: set HF_TOKEN or paste one "
                              "(used for this request only, never stored).")
-        folder = Path(self.get(name)["path"])
+        folder = Path(self.get(name).path)
         repo_id = check_hub_id(repo_id or "", "Target repo", InputError)
         try:
             api = HfApi(token=token.reveal())

@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 from core import config, evalstats
 from core.geval import metric_from
 from core.names import check_id
+from core.records import AdapterRecord, EvalRunRecord
 from core.secrets import Secret
 from core.sqlbox import SqlBox, SqlResult
 from core.store import EXAMPLE_QUERIES, Store
@@ -22,7 +23,7 @@ from jobs.runner import JobError
 
 class Evaluations:
     def __init__(self, store: Store, jobs: JobDesk, resources: EvalResources,
-                 adapter_rows: Callable[[], list[dict[str, Any]]]) -> None:
+                 adapter_rows: Callable[[], list[AdapterRecord]]) -> None:
         self.store, self.jobs, self.resources = store, jobs, resources
         self._adapter_rows = adapter_rows
         self.sql_box = SqlBox(store)
@@ -39,11 +40,11 @@ class Evaluations:
                keys: Mapping[str, Secret] | None = None) -> str:
         """Run a stopped evaluation again, with the visitor's keys for its endpoints."""
         job = self.jobs.get(run_id)
-        if job["kind"] != KIND:
+        if job.kind != KIND:
             raise JobError(f"Job {run_id} is not an evaluation run.")
-        return self.jobs.resume(job["id"], visitor, keys_for(EvalSpec.from_dict(job["spec"]), keys))
+        return self.jobs.resume(job.id, visitor, keys_for(EvalSpec.from_dict(job.spec), keys))
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self) -> list[EvalRunRecord]:
         return self.store.list_eval_runs()
 
     def started(self, run_id: str) -> bool:
@@ -55,7 +56,7 @@ class Evaluations:
         score_max) from the run's spec, so a chart can draw it on a fixed scale."""
         if not self.started(run_id):
             return []
-        ranges = score_ranges(self.store.get_eval_run(run_id)["spec"])
+        ranges = score_ranges(self.store.get_eval_run(run_id).spec)
         return [{**row, **ranges.get(row["metric"], {})}
                 for row in evalstats.summarize_run(self.store, run_id, n_boot=n_boot)]
 
@@ -95,22 +96,22 @@ class Evaluations:
         judge), the newest run's numbers are kept (and of two adapters of one size in one run, the
         first listed). Runs are not pooled because different runs may
         use different judges, decodings or items, whose scores do not average into one number."""
-        n_train = {a["name"]: (a["metrics"] or {}).get("n_train") for a in self._adapter_rows()}
+        n_train = {a.name: (a.metrics or {}).get("n_train") for a in self._adapter_rows()}
         rows: dict[tuple, dict[str, Any]] = {}
         for run in self.runs():  # newest first: the first row for a key wins
-            spec = run["spec"] or {}
+            spec = run.spec or {}
             systems = {d["id"]: System.from_fields(d) for d in spec.get("systems", []) if "id" in d}
             ranges = score_ranges(spec)
-            for s in evalstats.summarize_run(self.store, run["id"], n_boot=n_boot):
+            for s in evalstats.summarize_run(self.store, run.id, n_boot=n_boot):
                 system = systems.get(s["system_id"])
                 if system is None or s["mean"] is None:
                     continue
-                row = {"dataset": run["dataset_id"],
+                row = {"dataset": run.dataset_id,
                        "n_train": 0 if system.is_base else int(n_train.get(system.adapter) or 0),
                        "system": "base" if system.is_base else "fine-tuned", "rag": system.rag,
                        "metric": s["metric"], "mean": s["mean"], "ci_low": s["ci_low"],
                        "ci_high": s["ci_high"], "n": s["n"], **ranges.get(s["metric"], {}),
-                       "run": run["name"] or run["id"]}
+                       "run": run.name or run.id}
                 rows.setdefault(tuple(row[k] for k in ("dataset", "n_train", "system", "rag",
                                                       "metric")), row)
         return list(rows.values())

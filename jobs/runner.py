@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from core import config
+from core.records import JobRecord
 from core.secrets import Secret
 from core.store import Store, now
 from jobs import procs
@@ -50,9 +51,9 @@ class JobError(ValueError):
 
 
 def job_dir(job_id: str) -> Path:
-    path = config.subdir("jobs") / job_id
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The job's folder (log, events, metrics); made when the job is launched, so a read of a job
+    that never ran finds nothing rather than creating it."""
+    return config.subdir("jobs") / job_id
 
 
 class _Progress:
@@ -131,7 +132,7 @@ class JobRunner:
         # Interrupted first: a runner still watching such a child (two apps on one database,
         # as in the tests) then sees the record taken over and leaves it be (_finish).
         self.interrupted_on_start = store.mark_interrupted()
-        self.stopped_on_start = [job["id"] for job in store.job_processes()
+        self.stopped_on_start = [job.id for job in store.job_processes()
                                  if self._stop_orphan(job)]
 
     # -- public API -------------------------------------------------------------------------
@@ -139,11 +140,11 @@ class JobRunner:
         """Add a kind of job (the wiring registers each once, before the first start)."""
         self.kinds[kind] = how
 
-    def get(self, job_id: str) -> dict[str, Any]:
+    def get(self, job_id: str) -> JobRecord:
         """The job's record; JobError for an unknown id."""
         return self._job(job_id)
 
-    def jobs(self, kind: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    def jobs(self, kind: str | None = None, limit: int = 100) -> list[JobRecord]:
         """The newest jobs first (all kinds, or one)."""
         return self.store.list_jobs(kind, limit)
 
@@ -159,26 +160,26 @@ class JobRunner:
 
     def resume(self, job_id: str, secrets: Mapping[str, Secret] | None = None) -> str:
         job = self._job(job_id)
-        if job["status"] not in ("failed", "cancelled", "interrupted"):
-            raise JobError(f"Job {job_id} is {job['status']}; only a stopped job can be resumed.")
-        if job["pgid"] is not None:
+        if job.status not in ("failed", "cancelled", "interrupted"):
+            raise JobError(f"Job {job_id} is {job.status}; only a stopped job can be resumed.")
+        if job.pgid is not None:
             self._stop_orphan(job)
-        self._check_secrets(job["kind"], secrets)
+        self._check_secrets(job.kind, secrets)
         self.store.update_job(job_id, status="queued", error=None, finished_at=None,
                               message="resuming")
-        self._launch(job_id, job["kind"], job["spec"], resume=True, secrets=secrets)
+        self._launch(job_id, job.kind, job.spec, resume=True, secrets=secrets)
         return job_id
 
     def cancel(self, job_id: str) -> None:
         job = self._job(job_id)
-        if job["status"] in TERMINAL:
-            raise JobError(f"Job {job_id} already ended ({job['status']}).")
+        if job.status in TERMINAL:
+            raise JobError(f"Job {job_id} already ended ({job.status}).")
         self._cancel.setdefault(job_id, threading.Event()).set()
         proc = self._procs.get(job_id)
         if proc and proc.poll() is None:
             procs.signal_group(proc.pid, signal.SIGTERM)
 
-    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
         thread = self._threads.get(job_id)
         if thread:
             thread.join(timeout)
@@ -201,7 +202,7 @@ class JobRunner:
             return "".join(deque(fh, maxlen=lines))
 
     # -- internals --------------------------------------------------------------------------
-    def _job(self, job_id: str) -> dict[str, Any]:
+    def _job(self, job_id: str) -> JobRecord:
         job = self.store.get_job(job_id)
         if job is None:
             raise JobError(f"No job with id '{job_id}'.")
@@ -213,6 +214,7 @@ class JobRunner:
 
     def _launch(self, job_id: str, kind: str, spec: dict[str, Any], resume: bool,
                 secrets: Mapping[str, Secret] | None = None) -> None:
+        job_dir(job_id).mkdir(parents=True, exist_ok=True)
         self._cancel[job_id] = threading.Event()
         thread = threading.Thread(
             target=self._run, args=(job_id, self.kinds[kind], spec, resume, dict(secrets or {})),
@@ -234,13 +236,18 @@ class JobRunner:
         with self._slots:
             if cancel.is_set():
                 self._finish(job_id, "cancelled", message="cancelled before it started")
+                logger.info("job %s cancelled before it started", job_id)
                 return
-            start_fraction = self._job(job_id)["progress"] if resume else 0.0
-            attempts = self._job(job_id)["attempts"] + 1
+            job = self._job(job_id)
+            start_fraction = job.progress if resume else 0.0
+            attempts = job.attempts + 1
             self.store.update_job(job_id, status="running", started_at=now(), attempts=attempts,
                                   message="started")
             progress = _Progress(self.store, job_id, start_fraction)
             log_path = job_dir(job_id) / "log.txt"
+            logger.info("job %s (%s) %s, attempt %d", job_id, job.kind,
+                        "resumed" if resume else "started", attempts)
+            t0 = time.monotonic()
             try:
                 if kind.thread:
                     ctx = JobContext(job_id, spec, resume, progress, cancel, log_path, secrets)
@@ -251,14 +258,22 @@ class JobRunner:
                 if kind.on_done:
                     kind.on_done(job_id, result or {})
             except JobCancelled:
-                self._finish(job_id, "cancelled", message="cancelled by the user")
+                status = "cancelled"
+                self._finish(job_id, status, message="cancelled by the user")
             except Exception as exc:  # a job's failure is recorded, never lost in a thread
+                # The traceback goes to the job's log and the server log; the row (what users
+                # see) keeps the one-line error.
                 with log_path.open("a", encoding="utf-8") as fh:
                     fh.write(traceback.format_exc())
                 status = "cancelled" if cancel.is_set() else "failed"
+                if status == "failed":
+                    logger.exception("job %s (%s) failed", job_id, job.kind)
                 self._finish(job_id, status, error=str(exc) or type(exc).__name__)
             else:
-                self._finish(job_id, "done", result=result or {}, progress=1.0, message="done")
+                status = "done"
+                self._finish(job_id, status, result=result or {}, progress=1.0, message="done")
+            logger.info("job %s (%s) ended %s after %.1f s", job_id, job.kind, status,
+                        time.monotonic() - t0)
 
     def _run_subprocess(self, job_id: str, argv: list[str], progress: _Progress,
                         log_path: Path) -> dict[str, Any]:
@@ -318,15 +333,15 @@ class JobRunner:
             progress.update(latest["progress"], latest.get("message", ""))
         return result
 
-    def _stop_orphan(self, job: dict[str, Any]) -> bool:
+    def _stop_orphan(self, job: JobRecord) -> bool:
         """Stop the process group a previous app recorded for `job` if it still runs the job,
         and forget it; returns whether something was stopped."""
-        stopped = procs.kill_orphan(job["pgid"], job["id"])
-        self.store.update_job(job["id"], pid=None, pgid=None)
+        stopped = procs.kill_orphan(job.pgid, job.id)
+        self.store.update_job(job.id, pid=None, pgid=None)
         return stopped
 
     def _finish(self, job_id: str, status: str, **fields: Any) -> None:
-        if self._job(job_id)["status"] == "interrupted":
+        if self._job(job_id).status == "interrupted":
             return  # another runner (a restarted app) declared this attempt dead and owns the record
         self.store.update_job(job_id, status=status, finished_at=now(), eta_seconds=None, **fields)
 

@@ -47,9 +47,11 @@ def build_services(warm_up: bool = True, store: Store | None = None) -> Services
     store = store or get_store()
     hub = get_hub()
     runner = JobRunner(store, kinds={}, max_concurrent=MAX_CONCURRENT_JOBS)
-    # Public mode: at most MAX_RUNNING_JOBS visitor jobs, one fine-tune per visitor session.
+    # Public mode: at most MAX_RUNNING_JOBS visitor jobs, one fine-tune per visitor session, and
+    # a visitor cancels or resumes only their own jobs.
     jobs = JobDesk(runner, config.MAX_RUNNING_JOBS,
-                   frozenset({FINETUNE_KIND}) if config.PUBLIC_MODE else frozenset())
+                   frozenset({FINETUNE_KIND}) if config.PUBLIC_MODE else frozenset(),
+                   owners_only=config.PUBLIC_MODE)
     datasets = DatasetCatalog(store)
     adapters = AdapterCatalog(store, hub, jobs, split_of=datasets.split)
     indexes = IndexCatalog(store, jobs, corpus=lambda dataset_id: datasets.get(dataset_id).corpus)

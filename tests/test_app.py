@@ -283,10 +283,10 @@ def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_pa
     store = Store(tmp_path / "app.duckdb")
     cli_row = store.list_adapters()[0]
     store.close()
-    assert cli_row["name"] == "ui-tiny" and cli_row["spec"] == ui_row["spec"]
-    assert FinetuneSpec.from_dict(cli_row["spec"]) == FinetuneSpec.from_dict(spec)
+    assert cli_row.name == "ui-tiny" and cli_row.spec == ui_row["spec"]
+    assert FinetuneSpec.from_dict(cli_row.spec) == FinetuneSpec.from_dict(spec)
     for key in ("n_train", "steps", "final_train_loss", "final_val_loss"):
-        assert cli_row["metrics"][key] == pytest.approx(ui_row["metrics"][key], rel=1e-3), key
+        assert cli_row.metrics[key] == pytest.approx(ui_row["metrics"][key], rel=1e-3), key
 
 
 def test_finetune_bad_values_are_refused_before_starting(client):

@@ -169,7 +169,8 @@ def test_study_rows_keep_the_newest_run_per_system_with_ranges(tmp_path):
                     "metric": metric, "method": "logprobs", "judge": "j", "prompt_hash": None,
                     "raw": None, "parsed_scores": None, "distribution": None,
                     "score": score + bump, "parse_failures": 0, "reasoning": None, "mass": None})
-    evaluations = Evaluations(store, None, None, lambda: [{"name": "ft", "metrics": {"n_train": 200}}])
+    store.upsert_adapter("ft", "m", str(tmp_path / "ft"), metrics={"n_train": 200})
+    evaluations = Evaluations(store, None, None, adapter_rows=store.list_adapters)
     rows = evaluations.study_rows()
     keys = [(r["n_train"], r["system"], r["rag"], r["metric"]) for r in rows]
     assert sorted(keys, key=str) == sorted([(0, "base", False, "accuracy"),

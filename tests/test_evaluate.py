@@ -170,7 +170,7 @@ def resumed_run(services, bm25, tmp_path_factory):
         judged.release()
         cancelled = runner.wait(run_id)
     before = _rows(store, run_id)
-    run_status = store.get_eval_run(run_id)["status"]
+    run_status = store.get_eval_run(run_id).status
     runner.resume(run_id)
     job = runner.wait(run_id)
     return {"id": run_id, "cancelled": cancelled, "before": before, "run_status": run_status,
@@ -180,12 +180,12 @@ def resumed_run(services, bm25, tmp_path_factory):
 @pytest.mark.integration
 def test_cancelled_run_resumes_with_exactly_one_row_per_key(services, resumed_run):
     store, run_id = services.store, resumed_run["id"]
-    assert resumed_run["cancelled"]["status"] == "cancelled" and resumed_run["run_status"] == "cancelled"
+    assert resumed_run["cancelled"].status == "cancelled" and resumed_run["run_status"] == "cancelled"
     answers_before, judgments_before = resumed_run["before"]
     assert len(answers_before) == 4 and 1 <= len(judgments_before) < 8
     job = resumed_run["job"]
-    assert job["status"] == "done", job["error"]
-    assert job["attempts"] == 2 and job["result"]["judgments"] == 8
+    assert job.status == "done", job.error
+    assert job.attempts == 2 and job.result["judgments"] == 8
     keys = store.query(
         "SELECT (SELECT count(*) FROM answers WHERE run_id = $1) AS answers, "
         "(SELECT count(DISTINCT (example_id, system_id)) FROM answers WHERE run_id = $1) AS answer_keys, "
@@ -199,8 +199,8 @@ def test_cancelled_run_resumes_with_exactly_one_row_per_key(services, resumed_ru
     assert answers_after == answers_before  # nothing was answered twice
     assert all(row in judgments_after for row in judgments_before)  # nor judged twice
     run = store.get_eval_run(run_id)
-    assert run["status"] == "done" and run["spec"]["effective_repeats"] == 1
-    assert "deterministic" in run["spec"]["repeats_note"] and run["spec"]["repeats"] == 2
+    assert run.status == "done" and run.spec["effective_repeats"] == 1
+    assert "deterministic" in run.spec["repeats_note"] and run.spec["repeats"] == 2
     retrieved = {r["system_id"]: r["retrieved"] for r in store.eval_answers(run_id)}
     assert retrieved[System(model=SMOLLM2).id] is None
     assert len(retrieved[System(model=SMOLLM2, rag=True, pipeline="eval-bm25").id]) == 2
@@ -241,8 +241,8 @@ def test_summary_equals_a_sql_recomputation(services, resumed_run, tmp_path):
     paths = store.export_eval_run(run_id, tmp_path, "parquet") + store.export_eval_run(run_id, tmp_path)
     counts = [duckdb.sql(f"SELECT count(*) FROM '{p}'").fetchall()[0][0] for p in paths]
     assert counts == [4, 8, 4, 8]
-    listed = next(r for r in store.list_eval_runs() if r["id"] == run_id)
-    assert (listed["n_answers"], listed["n_judgments"], listed["status"]) == (4, 8, "done")
+    listed = next(r for r in store.list_eval_runs() if r.id == run_id)
+    assert (listed.n_answers, listed.n_judgments, listed.status) == (4, 8, "done")
 
 
 @pytest.mark.integration
@@ -255,12 +255,12 @@ def test_cli_and_runner_write_the_same_rows(services, tmp_path):
     cli_run = result.stdout.split("run ", 1)[1].split()[0]
     assert "accuracy" in result.stdout.splitlines()[-1]
     runner_run = services.evaluations.start(EvalSpec.from_dict(spec))
-    assert services.runner.wait(runner_run)["status"] == "done"
+    assert services.runner.wait(runner_run).status == "done"
     cli_store = Store(tmp_path / "cli" / "app.duckdb")
     try:
         jobs = [store.get_job(run) for store, run in ((cli_store, cli_run), (services.store, runner_run))]
-        assert [(j["kind"], j["status"]) for j in jobs] == [("evaluate", "done")] * 2
-        assert jobs[0]["spec"] == jobs[1]["spec"] == EvalSpec.from_dict(spec).to_dict()
+        assert [(j.kind, j.status) for j in jobs] == [("evaluate", "done")] * 2
+        assert jobs[0].spec == jobs[1].spec == EvalSpec.from_dict(spec).to_dict()
         answers = [store.query("SELECT example_id, system_id, answer FROM answers WHERE run_id = ? "
                                "ORDER BY ALL", [run]) for store, run in
                    ((cli_store, cli_run), (services.store, runner_run))]
@@ -273,8 +273,8 @@ def test_cli_and_runner_write_the_same_rows(services, tmp_path):
         assert {r["repeat"] for r in judged[0]} == {0, 1} and {r["samples"] for r in judged[0]} == {1}
         runs = [store.get_eval_run(run) for store, run in ((cli_store, cli_run),
                                                            (services.store, runner_run))]
-        assert runs[0]["name"] == runs[1]["name"] == "cli-vs-runner"
-        assert runs[0]["spec"]["steps"] == runs[1]["spec"]["steps"]
+        assert runs[0].name == runs[1].name == "cli-vs-runner"
+        assert runs[0].spec["steps"] == runs[1].spec["steps"]
     finally:
         cli_store.close()
 
@@ -289,17 +289,17 @@ def test_failing_judge_is_retried_then_fails_and_later_resumes(services):
     store, runner = services.store, services.runner
     run_id = services.evaluations.start(spec)
     job = runner.wait(run_id)
-    assert job["status"] == "failed"
-    assert "failed 3 time(s)" in job["error"] and url in job["error"] and "resume" in job["error"]
+    assert job.status == "failed"
+    assert "failed 3 time(s)" in job.error and url in job.error and "resume" in job.error
     log = runner.log_tail(run_id, 200)
     assert "retry 1 in 0.05 s" in log and "retry 2 in 0.1 s" in log
     assert (count(store, "answers", run_id), count(store, "judgments", run_id)) == (2, 0)
-    assert store.get_eval_run(run_id)["status"] == "failed"
+    assert store.get_eval_run(run_id).status == "failed"
     answers_before = _rows(store, run_id)[0]
     with served_model(port=port):
         runner.resume(run_id)
         job = runner.wait(run_id)
-    assert job["status"] == "done", job["error"]
+    assert job.status == "done", job.error
     assert _rows(store, run_id)[0] == answers_before
     judged = store.eval_judgments(run_id)
     assert len(judged) == 2

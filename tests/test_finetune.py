@@ -278,9 +278,9 @@ def test_resume_after_sigkill_continues_step_count_and_loss_history(tmp_path, tr
     spec = tiny_spec(epochs=2, val_every=2, checkpoint_every=1, name="killed")
     job_id = runner.start("finetune", spec.to_dict())
     trainer = after_step_2.wait_reached(
-        timeout=300, alive=lambda: runner.get(job_id)["status"] in ("queued", "running"))
+        timeout=300, alive=lambda: runner.get(job_id).status in ("queued", "running"))
     os.kill(trainer, signal.SIGKILL)
-    assert runner.wait(job_id, timeout=60)["status"] == "failed"
+    assert runner.wait(job_id, timeout=60).status == "failed"
     checkpoints = adapter_dir("killed") / "checkpoints"
     saved = sorted(checkpoints.glob("step-*"))
     assert [p.name for p in saved] == ["step-000001", "step-000002"]
@@ -291,10 +291,10 @@ def test_resume_after_sigkill_continues_step_count_and_loss_history(tmp_path, tr
 
     runner.resume(job_id)
     job = runner.wait(job_id, timeout=300)
-    assert job["status"] == "done", runner.log_tail(job_id)
+    assert job.status == "done", runner.log_tail(job_id)
     assert f"resumed from {saved[-1].name}: step {done}/4" in runner.log_tail(job_id, lines=200)
-    assert job["progress"] == 1.0 and job["result"]["path"] == str(adapter_dir("killed"))
-    assert job["result"]["metrics"]["resumed_from"] == [done]
+    assert job.progress == 1.0 and job.result["path"] == str(adapter_dir("killed"))
+    assert job.result["metrics"]["resumed_from"] == [done]
     metrics = json.loads((adapter_dir("killed") / "metrics.json").read_text())
     assert [p["step"] for p in metrics["train_loss"]] == [1, 2, 3, 4]
     assert metrics["train_loss"][:done] == state["train"]  # history kept, not restarted

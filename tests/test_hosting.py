@@ -1,6 +1,6 @@
 """Public hosting at the service level: ids and names from a request are refused before anything
-is touched, the job caps (MAX_RUNNING_JOBS, one fine-tune per visitor), the config they read, and
-a UI error that shows one line while its traceback goes to the log."""
+is touched, the job caps (MAX_RUNNING_JOBS, one fine-tune per visitor), who may cancel or resume a
+job, the config they read, and a UI error that shows one line while its traceback goes to the log."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from core import config
 from core.model_files import AdapterError
 from core.names import InvalidNameError, check_hub_id, check_id, new_id
 from core.store import Store
-from jobs.desk import JobLimitError
+from jobs.desk import JobLimitError, JobOwnerError
 from jobs.finetune import _SUMMARY
 from jobs.finetune_data import FinetuneError, FinetuneSpec
 from jobs.runner import JobError, JobKind
@@ -108,7 +108,7 @@ def test_adapter_requests_refuse_bad_names_and_move_nothing(data_dir, monkeypatc
         with pytest.raises(AdapterError, match="Adapter source .* is not a Hugging Face Hub id"):
             services.adapters.import_(bad or "/etc", config.DEFAULT_CHAT_MODEL)
     assert tree(data_dir.parent) == before
-    assert [a["name"] for a in services.adapters.rows()] == ["planted"]
+    assert [a.name for a in services.adapters.rows()] == ["planted"]
 
 
 def test_run_ids_are_checked_before_queries_and_export_files(data_dir, monkeypatch):
@@ -137,11 +137,13 @@ def test_public_mode_trains_on_presets_only(data_dir, monkeypatch, tmp_path):
 
 @pytest.fixture
 def gate():
-    """A stand-in job body that stays running until the test opens the gate."""
+    """A stand-in job body that stays running until the test opens the gate (then ends cancelled
+    if it was cancelled meanwhile)."""
     opened = threading.Event()
 
     def run(ctx):
         opened.wait(60)
+        ctx.check_cancelled()
         return {}
     yield run, opened
     opened.set()
@@ -160,9 +162,9 @@ def test_public_caps_one_finetune_per_visitor_and_the_running_total(data_dir, mo
         services.adapters.train(spec, visitor="visitor-c")
     opened.set()
     for job in services.jobs.jobs():
-        services.runner.wait(job["id"])
+        services.runner.wait(job.id)
     third = services.adapters.train(spec, visitor="visitor-a")  # finished jobs free their places
-    assert services.runner.wait(third)["status"] == "done"
+    assert services.runner.wait(third).status == "done"
 
 
 def test_locally_the_caps_are_off(data_dir, monkeypatch, gate):
@@ -172,7 +174,41 @@ def test_locally_the_caps_are_off(data_dir, monkeypatch, gate):
     ids = [services.adapters.train(FinetuneSpec.cpu_preset()) for _ in range(4)]
     assert len(set(ids)) == 4
     opened.set()
-    assert all(services.runner.wait(i)["status"] == "done" for i in ids)
+    assert all(services.runner.wait(i).status == "done" for i in ids)
+
+
+def test_public_visitors_cancel_and_resume_only_their_own_jobs(data_dir, monkeypatch, gate):
+    run, opened = gate
+    services = services_for(data_dir, monkeypatch, public=True)
+    services.runner.register("finetune", JobKind(thread=run))
+    mine = services.adapters.train(FinetuneSpec.cpu_preset(), visitor="visitor-a")
+    operators = services.runner.start("finetune", FinetuneSpec.cpu_preset().to_dict())  # the CLI's
+    for job_id, who in ((mine, "visitor-b"), (mine, None), (operators, "visitor-a")):
+        with pytest.raises(JobOwnerError, match=f"You can cancel only the jobs you started in this "
+                                                f"browser session; {job_id} is not one of them"):
+            services.jobs.cancel(job_id, who)
+    services.jobs.cancel(mine, "visitor-a")
+    opened.set()
+    assert services.runner.wait(mine).status == "cancelled"
+    assert services.runner.wait(operators).status == "done"  # the refusals stopped nothing
+    with pytest.raises(JobOwnerError, match=f"You can resume only the jobs .*; {mine} is not"):
+        services.jobs.resume(mine, "visitor-b")
+    assert services.jobs.resume(f" {mine} ", "visitor-a") == mine
+    assert services.runner.wait(mine).status == "done"
+
+
+def test_locally_anyone_cancels_and_resumes_any_job(data_dir, monkeypatch, gate):
+    run, opened = gate
+    services = services_for(data_dir, monkeypatch, public=False)
+    services.runner.register("finetune", JobKind(thread=run))
+    theirs = services.adapters.train(FinetuneSpec.cpu_preset(), visitor="visitor-a")
+    operators = services.runner.start("finetune", FinetuneSpec.cpu_preset().to_dict())
+    for job_id in (theirs, operators):
+        services.jobs.cancel(job_id, "visitor-b")
+    opened.set()
+    assert [services.runner.wait(j).status for j in (theirs, operators)] == ["cancelled"] * 2
+    services.jobs.resume(operators)
+    assert services.runner.wait(operators).status == "done"
 
 
 @pytest.mark.parametrize("env, expected", [({}, None), ({"SPACE_ID": "me/lab"}, 3),

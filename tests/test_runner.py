@@ -3,6 +3,7 @@ and the clean-up of a child that a previous app left running. Jobs are stopped a
 with core.testhooks gates, never raced with sleeps."""
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,11 +82,11 @@ def test_thread_job_reports_progress_eta_and_result(store, gates):
     job_id = runner.start("count", {"n": 20, "gate_at": 10})
     count.wait_reached()
     job = store.get_job(job_id)  # visible while the job runs, not only at the end
-    assert job["status"] == "running" and 0 < job["progress"] < 1 and job["eta_seconds"] > 0
+    assert job.status == "running" and 0 < job.progress < 1 and job.eta_seconds > 0
     count.release()
     job = runner.wait(job_id)
-    assert job["status"] == "done" and job["progress"] == 1.0 and job["eta_seconds"] is None
-    assert job["result"] == {"steps": 20}
+    assert job.status == "done" and job.progress == 1.0 and job.eta_seconds is None
+    assert job.result == {"steps": 20}
     assert "step 19" in runner.log_tail(job_id)
 
 
@@ -97,19 +98,35 @@ def test_cancel_stops_a_thread_job(store, gates):
     runner.cancel(job_id)
     count.release()
     job = runner.wait(job_id, timeout=10)
-    assert job["status"] == "cancelled"
-    assert 0 < job["progress"] < 1
+    assert job.status == "cancelled"
+    assert 0 < job.progress < 1
     with pytest.raises(JobError, match="already ended"):
         runner.cancel(job_id)
 
 
-def test_failure_is_recorded_with_message_and_traceback(store):
+def test_failure_is_recorded_with_message_and_traceback(store, caplog):
+    caplog.set_level(logging.INFO, logger="jobs.runner")
     runner = JobRunner(store, KINDS)
     job_id = runner.start("fail", {})
     job = runner.wait(job_id)
-    assert job["status"] == "failed"
-    assert job["error"] == "the judge endpoint went away"
+    assert job.status == "failed"
+    assert job.error == "the judge endpoint went away"  # what users see: one line
     assert "Traceback" in runner.log_tail(job_id)
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if job_id in r.getMessage()]
+    assert logged[0] == ("INFO", f"job {job_id} (fail) started, attempt 1")
+    assert logged[1] == ("ERROR", f"job {job_id} (fail) failed")
+    assert re.fullmatch(rf"job {job_id} \(fail\) ended failed after \d+\.\d s", logged[2][1])
+    failure = next(r for r in caplog.records if r.levelname == "ERROR")
+    assert failure.exc_info[0] is ValueError  # the server log has the traceback
+
+
+def test_reads_of_a_job_without_a_folder_create_nothing(store):
+    runner = JobRunner(store, KINDS)
+    job_id = store.create_job("count", {"n": 1})  # recorded, never launched
+    assert runner.log_tail(job_id) == "" and runner.metrics(job_id) == []
+    started = runner.start("count", {"n": 1})
+    runner.wait(started)
+    assert job_dir(started).is_dir() and not job_dir(job_id).exists()
 
 
 def test_running_job_is_interrupted_on_restart_and_resumes(tmp_path):
@@ -120,10 +137,10 @@ def test_running_job_is_interrupted_on_restart_and_resumes(tmp_path):
     store.update_job(job_id, status="running", progress=0.4)
     runner = JobRunner(store, KINDS)
     assert runner.interrupted_on_start == [job_id] and runner.stopped_on_start == []
-    assert store.get_job(job_id)["status"] == "interrupted"
+    assert store.get_job(job_id).status == "interrupted"
     runner.resume(job_id)
     job = runner.wait(job_id)
-    assert job["status"] == "done" and job["attempts"] == 1
+    assert job.status == "done" and job.attempts == 1
 
 
 def test_resume_continues_after_cancel(store, gates):
@@ -137,7 +154,7 @@ def test_resume_continues_after_cancel(store, gates):
     assert runner.log_tail(job_id, 10_000).count("step ") == 21  # step 20 ran, then the cancel
     runner.resume(job_id)
     job = runner.wait(job_id, timeout=30)
-    assert job["status"] == "done" and job["attempts"] == 2
+    assert job.status == "done" and job.attempts == 2
     log = runner.log_tail(job_id, 10_000)
     assert log.count("step ") == 200, "resume must not redo finished steps"
 
@@ -156,10 +173,10 @@ def test_jobs_queue_behind_the_concurrency_limit(store, gates):
     first = runner.start("count", {"n": 3, "gate_at": 0})
     second = runner.start("count", {"n": 3})
     count.wait_reached()
-    assert store.get_job(first)["status"] == "running"
-    assert store.get_job(second)["status"] == "queued"
+    assert store.get_job(first).status == "running"
+    assert store.get_job(second).status == "queued"
     count.release()
-    assert runner.wait(second, timeout=30)["status"] == "done"
+    assert runner.wait(second, timeout=30).status == "done"
 
 
 # ---------------------------------------------------------------- subprocess jobs
@@ -194,9 +211,9 @@ def test_subprocess_job_streams_progress_log_and_result(store):
     runner = JobRunner(store, {"child": JobKind(argv=child_argv)})
     job_id = runner.start("child", {"n": 5})
     job = runner.wait(job_id, timeout=60)
-    assert job["status"] == "done", runner.log_tail(job_id)
-    assert job["result"] == {"final_loss": 1.25}
-    assert job["pid"] is None and job["pgid"] is None  # forgotten once the child ended
+    assert job.status == "done", runner.log_tail(job_id)
+    assert job.result == {"final_loss": 1.25}
+    assert job.pid is None and job.pgid is None  # forgotten once the child ended
     tail = runner.log_tail(job_id)
     assert "training line 4" in tail and "step 5" not in tail  # events stay out of the log
     assert runner.metrics(job_id) == [{"step": i, "loss": 10.0 / i} for i in range(1, 6)]
@@ -208,9 +225,9 @@ def test_malformed_event_lines_are_logged_and_skipped(store, caplog):
     runner = JobRunner(store, {"child": JobKind(argv=child_argv)})
     with caplog.at_level(logging.WARNING, logger="jobs.events"):
         job = runner.wait(runner.start("child", {"n": 3, "mode": "garbage"}), timeout=60)
-    assert job["status"] == "done", runner.log_tail(job["id"])
-    assert job["result"] == {"final_loss": 1.25} and job["progress"] == 1.0
-    assert [p["step"] for p in runner.metrics(job["id"])] == [1, 2, 3]
+    assert job.status == "done", runner.log_tail(job.id)
+    assert job.result == {"final_loss": 1.25} and job.progress == 1.0
+    assert [p["step"] for p in runner.metrics(job.id)] == [1, 2, 3]
     problems = [r.getMessage() for r in caplog.records if "skipped a job event" in r.getMessage()]
     assert len(problems) == 4, problems
     assert "not a JSON object" in problems[0] and "progress must be a number" in problems[1]
@@ -220,7 +237,7 @@ def test_malformed_event_lines_are_logged_and_skipped(store, caplog):
 def test_lost_result_event_is_recovered_from_result_json(store):
     runner = JobRunner(store, {"child": JobKind(argv=child_argv)})
     job = runner.wait(runner.start("child", {"n": 2, "mode": "no-result-event"}), timeout=60)
-    assert job["status"] == "done" and job["result"] == {"final_loss": 1.25}
+    assert job.status == "done" and job.result == {"final_loss": 1.25}
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -259,7 +276,7 @@ def test_subprocess_job_cancel_kills_the_child(store, gates):
     pid = child.wait_reached()
     runner.cancel(job_id)
     job = runner.wait(job_id, timeout=30)
-    assert job["status"] == "cancelled" and job["progress"] < 1
+    assert job.status == "cancelled" and job.progress < 1
     assert gone(pid)
 
 
@@ -267,7 +284,7 @@ def test_subprocess_failure_carries_exit_code(store):
     argv = lambda spec, resume: [sys.executable, "-c", "print('boom'); raise SystemExit(3)"]
     runner = JobRunner(store, {"bad": JobKind(argv=argv)})
     job = runner.wait(runner.start("bad", {}), timeout=60)
-    assert job["status"] == "failed" and "code 3" in job["error"] and "boom" in job["error"]
+    assert job.status == "failed" and "code 3" in job.error and "boom" in job.error
 
 
 # ---------------------------------------------------------------- children an app left behind
@@ -281,13 +298,13 @@ def test_restarted_app_stops_the_orphan_child_and_marks_the_job_interrupted(stor
     child = gates("child").arm()
     job_id = dead_app.start("child", {"n": 1000})
     pid = child.wait_reached()
-    assert wait_for(lambda: store.get_job(job_id)["pgid"] == pid)
+    assert wait_for(lambda: store.get_job(job_id).pgid == pid)
     restarted = JobRunner(store, kinds)
     assert restarted.stopped_on_start == [job_id] and restarted.interrupted_on_start == [job_id]
     assert gone(pid)
     dead_app.wait(job_id, timeout=30)  # its thread sees the child gone and leaves the record be
     job = store.get_job(job_id)
-    assert job["status"] == "interrupted" and job["pid"] is None and job["pgid"] is None
+    assert job.status == "interrupted" and job.pid is None and job.pgid is None
 
 
 def stranger(job_id: str | None = None) -> subprocess.Popen:
@@ -308,7 +325,7 @@ def test_a_recycled_pid_is_never_killed(store, claims):
         runner = JobRunner(store, {})
         assert runner.stopped_on_start == [] and runner.interrupted_on_start == [job_id]
         assert proc.poll() is None, "a process that is not ours was killed"
-        assert store.get_job(job_id)["pgid"] is None
+        assert store.get_job(job_id).pgid is None
     finally:
         proc.kill()
         proc.wait()
@@ -322,7 +339,7 @@ def test_resume_first_stops_a_child_still_running_the_job(store):
     store.update_job(job_id, status="interrupted", pid=proc.pid, pgid=proc.pid)
     runner.resume(job_id)
     assert proc.wait(timeout=30) == -signal.SIGTERM
-    assert runner.wait(job_id, timeout=60)["status"] == "done"
+    assert runner.wait(job_id, timeout=60).status == "done"
 
 
 def test_child_dies_with_the_app(tmp_path):

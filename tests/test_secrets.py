@@ -117,9 +117,9 @@ def test_a_job_gets_the_keys_in_memory_for_its_run_only(tmp_path):
                                "process": JobKind(argv=lambda spec, resume: ["true"])})
     job_id = runner.start("thread", {"judge": "http://h/v1"}, secrets={"http://h/v1": Secret(VISITOR)})
     record = runner.wait(job_id)
-    assert record["status"] == "done" and seen["key"] == VISITOR
+    assert record.status == "done" and seen["key"] == VISITOR
     assert dict(seen["ctx"].secrets) == {}  # dropped when the run ended
-    assert VISITOR not in json.dumps(record, default=str)
+    assert VISITOR not in json.dumps(record.to_dict(), default=str)
     with pytest.raises(JobError, match="Jobs of kind 'process' run in a subprocess and take no keys"):
         runner.start("process", {}, secrets={"http://h/v1": Secret(VISITOR)})
 

@@ -24,7 +24,7 @@ def test_migrate_is_idempotent_and_keeps_data(tmp_path):
     s.close()
     s2 = Store(path)
     assert s2.migrate() == []
-    assert s2.get_job(job_id)["spec"] == {"x": 1}
+    assert s2.get_job(job_id).spec == {"x": 1}
 
 
 def test_new_migration_is_applied_once(tmp_path, monkeypatch):
@@ -115,7 +115,7 @@ def test_system_ids_migration_converts_label_keyed_rows(tmp_path, monkeypatch):
     stored = s.query("SELECT id, adapter, rag, pipeline FROM systems ORDER BY adapter")
     assert stored == [{"id": base.id, "adapter": "__base__", "rag": False, "pipeline": None},
                       {"id": tuned.id, "adapter": "ft", "rag": True, "pipeline": "p"}]
-    spec = s.get_eval_run("r1")["spec"]
+    spec = s.get_eval_run("r1").spec
     assert [d["id"] for d in spec["systems"]] == [base.id, tuned.id]
     s.save_judgment("r1", "q1", base.id, 0, {"metric": "accuracy", "method": "logprobs", "judge": "j",
                                                "prompt_hash": None, "raw": None, "parsed_scores": None,

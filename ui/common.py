@@ -10,6 +10,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from core.names import InvalidNameError
+from core.records import JobRecord
 from jobs.desk import JobDesk
 from jobs.runner import JobError
 
@@ -72,15 +73,20 @@ def fmt_seconds(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def job_status(jobs: JobDesk, job_id: str) -> tuple[dict[str, Any] | None, str]:
-    """A job's record and the line a tab's poll shows (status, progress, message, ETA, then the
-    error); (None, a message) for an unknown or malformed id."""
+def job_status(jobs: JobDesk, job_id: str) -> tuple[JobRecord | None, str]:
+    """A job's record and the line a tab's poll shows (status_line); (None, a message) for an
+    unknown or malformed id."""
     try:
         job = jobs.get(job_id)
     except (JobError, InvalidNameError) as exc:  # said in the status line, not a popup
         return None, str(exc)
-    eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
-    text = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"
-    if job["error"]:
-        text += f"\n\n{job['error']}"
-    return job, text
+    return job, status_line(job)
+
+
+def status_line(job: JobRecord) -> str:
+    """Status, progress, message and ETA, then the error on its own paragraph."""
+    eta = f" · ETA {fmt_seconds(job.eta_seconds)}" if job.eta_seconds else ""
+    text = f"**{job.status}** · {job.progress:.0%} · {job.message or ''}{eta}"
+    if job.error:
+        text += f"\n\n{job.error}"
+    return text

@@ -11,7 +11,7 @@ from core.systems import BASE, System
 from jobs.evaluate import EvalSpec, JudgeSpec
 from jobs.services import Services
 from ui import charts
-from ui.common import START_JOB, STATS, fmt_seconds, user_errors, visitor
+from ui.common import START_JOB, STATS, status_line, user_errors, visitor
 from ui.keys import KeyRing, remember
 
 SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
@@ -30,7 +30,7 @@ def candidate_systems(services: Services, model_ref: str) -> dict[str, System]:
 
 
 def runs_choices(services: Services) -> list[tuple[str, str]]:
-    return [(f"{r['name'] or r['id']} · {r['dataset_id']} · {r['status']}", r["id"])
+    return [(f"{r.name or r.id} · {r.dataset_id} · {r.status}", r.id)
             for r in services.evaluations.runs()]
 
 
@@ -151,12 +151,7 @@ def build(services: Services, keys: gr.State) -> None:
             return (str(exc), pd.DataFrame(columns=SUMMARY_COLUMNS), charts.evaluation_summary([]),
                     None)
         rows = services.evaluations.summary(run_id, n_boot=1000)
-        status = ""
-        if job:
-            eta = f" · ETA {fmt_seconds(job['eta_seconds'])}" if job["eta_seconds"] else ""
-            status = f"**{job['status']}** · {job['progress']:.0%} · {job['message'] or ''}{eta}"
-            if job["error"]:
-                status += f"\n\n{job['error']}"
+        status = status_line(job)
         item_rows = pd.DataFrame(services.evaluations.items(run_id)).drop(
             columns=["scores", "reasoning"], errors="ignore")
         return status, summary_frame(rows), charts.evaluation_summary(rows), item_rows
@@ -183,8 +178,8 @@ def build(services: Services, keys: gr.State) -> None:
         return pd.DataFrame(result.rows, columns=result.columns), result.note()
 
     @user_errors
-    def do_cancel(run_id):
-        services.jobs.cancel(run_id or "")
+    def do_cancel(run_id, request: gr.Request):
+        services.jobs.cancel(run_id or "", visitor(request))
         return "Cancel requested; finished answers and judgments stay stored."
 
     @user_errors

@@ -42,13 +42,13 @@ def spec_from_form(values) -> FinetuneSpec:
 def adapters_table(services: Services) -> pd.DataFrame:
     rows = []
     for a in services.adapters.rows():
-        m, s = a["metrics"] or {}, a["spec"] or {}
-        rows.append({"name": a["name"], "base_model": a["base_model"], "n_train": m.get("n_train"),
+        m, s = a.metrics or {}, a.spec or {}
+        rows.append({"name": a.name, "base_model": a.base_model, "n_train": m.get("n_train"),
                      "context": s.get("context", ""), "final_train_loss": m.get("final_train_loss"),
                      "final_val_loss": m.get("final_val_loss"), "steps": m.get("steps"),
                      "tokens/s": round(m["train_tokens_per_s"]) if m.get("train_tokens_per_s")
                      else None, "wall": fmt_seconds(m.get("wall_seconds")),
-                     "created": f"{a['created_at']:%Y-%m-%d %H:%M}"})
+                     "created": f"{a.created_at:%Y-%m-%d %H:%M}"})
     return pd.DataFrame(rows, columns=ADAPTER_COLUMNS)
 
 
@@ -166,8 +166,8 @@ def build(services: Services) -> None:
         return text, charts.loss(loss_frame(services.jobs.metrics(jid))) if job else gr.update()
 
     @user_errors
-    def do_cancel(jid):
-        services.jobs.cancel(jid or "")
+    def do_cancel(jid, request: gr.Request):
+        services.jobs.cancel(jid or "", visitor(request))
         return "Cancel requested; the last checkpoint is kept for a resume."
 
     @user_errors
@@ -176,14 +176,14 @@ def build(services: Services) -> None:
         return "Resuming from the last checkpoint."
 
     def adapter_choices():
-        return gr.update(choices=[a["name"] for a in services.adapters.rows()])
+        return gr.update(choices=[a.name for a in services.adapters.rows()])
 
     @user_errors
     def show_adapter(name):
         if not name:
             return None
         row = services.adapters.get(name)
-        return {"spec": row["spec"], "metrics": row["metrics"], "folder": row["path"]}
+        return {"spec": row.spec, "metrics": row.metrics, "folder": row.path}
 
     @user_errors
     def do_rename(old, new):

@@ -16,10 +16,10 @@ COLUMNS = ["id", "kind", "status", "progress", "message", "eta", "attempts", "cr
 def jobs_table(services: Services) -> pd.DataFrame:
     rows = [
         {
-            "id": j["id"], "kind": j["kind"], "status": j["status"],
-            "progress": f"{j['progress']:.0%}", "message": j["message"] or "",
-            "eta": fmt_seconds(j["eta_seconds"]), "attempts": j["attempts"],
-            "created": f"{j['created_at']:%Y-%m-%d %H:%M:%S}", "error": j["error"] or "",
+            "id": j.id, "kind": j.kind, "status": j.status,
+            "progress": f"{j.progress:.0%}", "message": j.message or "",
+            "eta": fmt_seconds(j.eta_seconds), "attempts": j.attempts,
+            "created": f"{j.created_at:%Y-%m-%d %H:%M:%S}", "error": j.error or "",
         }
         for j in services.jobs.jobs(limit=100)
     ]
@@ -45,8 +45,8 @@ def build(services: Services) -> None:
         return services.jobs.log_tail(jid, lines=60) if jid.strip() else ""
 
     @user_errors
-    def do_cancel(jid: str) -> tuple[pd.DataFrame, str]:
-        services.jobs.cancel(jid)
+    def do_cancel(jid: str, request: gr.Request) -> tuple[pd.DataFrame, str]:
+        services.jobs.cancel(jid, visitor(request))
         return jobs_table(services), f"Cancel requested for `{jid.strip()}`."
 
     @user_errors

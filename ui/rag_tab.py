@@ -90,10 +90,10 @@ def build(services: Services) -> None:
         if not jid:
             return gr.update(), gr.update(), gr.update(), gr.Timer(active=False)
         job, text = job_status(services.jobs, jid)
-        running = job is not None and job["status"] not in TERMINAL
-        if job is None or job["status"] != "done":
+        running = job is not None and job.status not in TERMINAL
+        if job is None or job.status != "done":
             return text, gr.update(), gr.update(), gr.Timer(active=running)
-        r = job["result"]
+        r = job.result
         text = (f"Index **{r['pipeline']}** built: {r['passages']} passages → {r['chunks']} "
                 f"chunks in {fmt_seconds(r['seconds'])} (job `{jid}`).")
         return (text, gr.update(choices=services.indexes.names(), value=r["pipeline"]),
@@ -104,10 +104,10 @@ def build(services: Services) -> None:
         return f"```mermaid\n{pipeline_mermaid(build_query_pipeline(handle.spec, handle))}\n```"
 
     @user_errors
-    def do_cancel(jid):
+    def do_cancel(jid, request: gr.Request):
         if not (jid or "").strip():
             raise gr.Error("No indexing job is running from this page.")
-        services.jobs.cancel(jid.strip())
+        services.jobs.cancel(jid.strip(), visitor(request))
         return "Cancel requested."
 
     @user_errors

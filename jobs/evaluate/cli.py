@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.records import JobRecord
 from core.spec_cli import add_spec_arguments, spec_overrides
 from core.store import StoreLockedError
 from core.systems import BASE
@@ -98,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         services.runner.cancel(job_id)
         job = services.runner.wait(job_id)
-    if job["status"] != "done":
-        print(f"{job['status']}: {job.get('error') or job.get('message')} — resume with "
+    if job.status != "done":
+        print(f"{job.status}: {job.error or job.message} — resume with "
               f"`python -m jobs.evaluate --resume {job_id}`", file=sys.stderr)
         return 1
     for row in services.evaluations.summary(job_id):
@@ -110,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _follow(services: "Services", job_id: str) -> dict[str, Any]:
+def _follow(services: "Services", job_id: str) -> JobRecord:
     """Print the job's progress lines until it ends."""
     last = None
     while True:
         job = services.runner.wait(job_id, timeout=1.0)
-        line = f"[{job['progress']:6.1%}] {job.get('message') or ''}"
+        line = f"[{job.progress:6.1%}] {job.message or ''}"
         if line != last:
             print(line, flush=True)
             last = line
-        if job["status"] in ("done", "failed", "cancelled", "interrupted"):
+        if job.status in ("done", "failed", "cancelled", "interrupted"):
             return job

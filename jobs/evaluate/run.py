@@ -169,7 +169,7 @@ def run_evaluation(ctx: JobContext, res: EvalResources, spec: EvalSpec) -> dict[
         run = store.create_eval_run(ctx.job_id, ctx.job_id, spec.name or _default_name(spec),
                                     spec.dataset_id, _run_record(spec, judge.id, steps, plan))
     else:  # a resume keeps the steps and items it started with
-        wanted = set(run["spec"]["example_ids"])
+        wanted = set(run.spec["example_ids"])
         plan.examples = [e for e in plan.examples if e.id in wanted]
         if len(plan.examples) != len(wanted):
             raise EvalSpecError(f"The dataset '{spec.dataset_id}' no longer has every item this "
@@ -178,7 +178,7 @@ def run_evaluation(ctx: JobContext, res: EvalResources, spec: EvalSpec) -> dict[
     try:
         tracker = _Tracker(ctx, store, spec, len(plan.examples), len(metrics))
         _answer_all(ctx, res, spec, plan, tracker)
-        _judge_all(ctx, store, spec, plan, judge, metrics, run["spec"]["steps"], tracker)
+        _judge_all(ctx, store, spec, plan, judge, metrics, run.spec["steps"], tracker)
     except JobCancelled:
         store.set_eval_run_status(ctx.job_id, "cancelled")
         raise
