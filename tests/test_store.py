@@ -1,7 +1,10 @@
+from datetime import datetime
+
 import duckdb
 import pytest
 
 from core import store as store_mod
+from core.records import JobRecord
 from core.store import Store
 
 EXPECTED_TABLES = {"datasets", "examples", "pipelines", "adapters", "jobs", "eval_runs", "answers", "systems",
@@ -25,6 +28,28 @@ def test_migrate_is_idempotent_and_keeps_data(tmp_path):
     s2 = Store(path)
     assert s2.migrate() == []
     assert s2.get_job(job_id).spec == {"x": 1}
+
+
+def test_rows_come_back_as_typed_records(tmp_path):
+    s = Store(tmp_path / "a.duckdb")
+    job_id = s.create_job("index", {"x": 1})
+    s.update_job(job_id, status="done", progress=1.0, result={"chunks": 3})
+    job = s.get_job(job_id)
+    assert isinstance(job, JobRecord) and s.list_jobs() == [job]
+    assert (job.spec, job.result, job.error, job.attempts) == ({"x": 1}, {"chunks": 3}, None, 0)
+    assert isinstance(job.created_at, datetime) and isinstance(job.progress, float)
+    columns = [r["column_name"] for r in s.query(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs' "
+        "ORDER BY ordinal_position")]
+    assert list(job.to_dict()) == columns  # every column, no more
+    s.upsert_adapter("a1", "m", "/p", spec=None, metrics={"n_train": 8})
+    (adapter,) = s.list_adapters()
+    assert (adapter.name, adapter.spec, adapter.metrics) == ("a1", None, {"n_train": 8})
+    run = s.create_eval_run("r1", job_id, "run", "sample:nq", {"systems": []})
+    s.save_answer("r1", "q1", "sys", "a", None, None, 1, 1, 0.1)
+    assert s.list_eval_runs() == [s.get_eval_run("r1")]
+    assert (run.spec, run.n_answers, s.get_eval_run("r1").n_answers) == ({"systems": []}, 0, 1)
+    assert s.get_job("missing") is None and s.get_eval_run("missing") is None
 
 
 def test_new_migration_is_applied_once(tmp_path, monkeypatch):
