@@ -74,19 +74,14 @@ def fmt_seconds(seconds: float | None) -> str:
 
 
 def job_status(jobs: JobDesk, job_id: str) -> tuple[JobRecord | None, str]:
-    """A job's record and the line a tab's poll shows (status_line); (None, a message) for an
-    unknown or malformed id."""
+    """A job's record and the line a tab's poll shows (status, progress, message, ETA, then the
+    error); (None, why) for an unknown or malformed id."""
     try:
         job = jobs.get(job_id)
     except (JobError, InvalidNameError) as exc:  # said in the status line, not a popup
         return None, str(exc)
-    return job, status_line(job)
-
-
-def status_line(job: JobRecord) -> str:
-    """Status, progress, message and ETA, then the error on its own paragraph."""
     eta = f" · ETA {fmt_seconds(job.eta_seconds)}" if job.eta_seconds else ""
     text = f"**{job.status}** · {job.progress:.0%} · {job.message or ''}{eta}"
     if job.error:
         text += f"\n\n{job.error}"
-    return text
+    return job, text

@@ -11,7 +11,7 @@ from core.systems import BASE, System
 from jobs.evaluate import EvalSpec, JudgeSpec
 from jobs.services import Services
 from ui import charts
-from ui.common import START_JOB, STATS, status_line, user_errors, visitor
+from ui.common import START_JOB, STATS, job_status, user_errors, visitor
 from ui.keys import KeyRing, remember
 
 SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
@@ -145,13 +145,10 @@ def build(services: Services, keys: gr.State) -> None:
     def show_run(run_id):
         if not run_id:
             return "", pd.DataFrame(columns=SUMMARY_COLUMNS), charts.evaluation_summary([]), None
-        try:
-            job = services.jobs.get(run_id)
-        except ValueError as exc:  # a malformed or unknown id: said in the status, not a popup
-            return (str(exc), pd.DataFrame(columns=SUMMARY_COLUMNS), charts.evaluation_summary([]),
-                    None)
+        job, status = job_status(services.jobs, run_id)
+        if job is None:  # a malformed or unknown id: said in the status, not a popup
+            return status, pd.DataFrame(columns=SUMMARY_COLUMNS), charts.evaluation_summary([]), None
         rows = services.evaluations.summary(run_id, n_boot=1000)
-        status = status_line(job)
         item_rows = pd.DataFrame(services.evaluations.items(run_id)).drop(
             columns=["scores", "reasoning"], errors="ignore")
         return status, summary_frame(rows), charts.evaluation_summary(rows), item_rows
