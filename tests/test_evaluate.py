@@ -165,7 +165,7 @@ def resumed_run(services, bm25, tmp_path_factory):
         patch.setenv(GATE_ENV, str(judged.folder))
         judged.arm()
         run_id = services.evaluations.start(spec)
-        judged.wait_reached(alive=lambda: runner.get(run_id)["status"] not in TERMINAL)
+        judged.wait_reached(alive=lambda: runner.get(run_id).status not in TERMINAL)
         runner.cancel(run_id)  # lands while the run is held right after its first judgment
         judged.release()
         cancelled = runner.wait(run_id)
