@@ -4,6 +4,7 @@ import time
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 
 from core.testhooks import GATE_ENV
 from tests.app_server import REPO, running_app
@@ -45,7 +46,7 @@ def test_upload_with_wrong_columns_gives_clear_error(client, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("q,a\nwhat,that\n")
     from gradio_client import handle_file
-    with pytest.raises(Exception, match="question"):
+    with pytest.raises(AppError, match="question"):
         client.predict("Upload a file", "bioasq", "", "", "train", handle_file(str(bad)),
                        "question", "answer", "", "", api_name="/load_dataset")
 
@@ -68,7 +69,7 @@ def test_compare_streams_an_answer_from_the_default_model(client):
 
 @pytest.mark.parametrize("question, message", [("   ", "empty"), ("x" * 5000, "limit")])
 def test_compare_rejects_bad_questions(client, question, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(AppError, match=message):
         compare(client, question)
 
 
@@ -78,9 +79,9 @@ def test_compare_unknown_model_is_reported_in_its_column(client):
 
 
 def test_compare_without_systems_or_pipeline_is_a_clear_error(client):
-    with pytest.raises(Exception, match="at least one system"):
+    with pytest.raises(AppError, match="at least one system"):
         compare(client, "hi", rows=["(off)", False] * 6)
-    with pytest.raises(Exception, match="no pipeline"):
+    with pytest.raises(AppError, match="no pipeline"):
         compare(client, "hi", rows=["base", True] + ["(off)", False] * 5)
 
 
@@ -95,7 +96,7 @@ def test_jobs_panel_shows_the_warm_up_job(client):
         time.sleep(1)
     assert prepare and prepare[0]["status"] == "done", rows
     assert "ready" in client.predict(prepare[0]["id"], api_name="/job_log")
-    with pytest.raises(Exception, match="already ended"):
+    with pytest.raises(AppError, match="already ended"):
         client.predict(prepare[0]["id"], api_name="/cancel_job")
 
 
@@ -139,7 +140,7 @@ def test_index_build_can_be_cancelled_while_it_runs(client, gate_dir, template):
     gate.release()
     status, saved, graph = index_status(client, job_id)
     assert status.startswith("**cancelled**"), status
-    with pytest.raises(Exception, match="already ended"):
+    with pytest.raises(AppError, match="already ended"):
         client.predict(job_id, api_name="/cancel_index")
 
 
@@ -230,14 +231,14 @@ def test_evaluation_run_summary_export_and_read_only_sql(client):
     table, _ = client.predict(f"SELECT avg(score) AS m, count(*) AS n FROM judgments "
                               f"WHERE run_id = '{run_id}'", api_name="/sql")
     assert table["data"][0][1] == 2 and abs(table["data"][0][0] - row["mean"]) < 1e-3
-    with pytest.raises(Exception, match="read-only"):
+    with pytest.raises(AppError, match="read-only"):
         client.predict("DELETE FROM judgments", api_name="/sql")
     files = client.predict(run_id, "parquet", api_name="/export_eval")
     assert sorted(f.rsplit("_", 1)[-1] for f in files) == ["answers.parquet", "judgments.parquet"]
 
 
 def test_evaluation_without_systems_is_refused(client):
-    with pytest.raises(Exception, match="at least one system"):
+    with pytest.raises(AppError, match="at least one system"):
         client.predict("sample:nq", 2, 0, "", "smollm2-135m-instruct", None, 12, [], "local",
                        "smollm2-135m-instruct", "", "", ["accuracy"], "logprobs", 1, 1, False,
                        "", "", "", api_name="/start_eval")
@@ -257,6 +258,7 @@ def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_pa
     import os
     import subprocess
     import sys
+
     from core.store import Store
     from jobs.finetune_data import FinetuneSpec
     from ui.finetune_tab import spec_from_form
@@ -292,9 +294,9 @@ def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_pa
 def test_finetune_bad_values_are_refused_before_starting(client):
     form = tiny_form("bad")
     form[6] = 0  # lora_r
-    with pytest.raises(Exception, match="r"):
+    with pytest.raises(AppError, match="r"):
         client.predict(*form, api_name="/start_finetune")
     form = tiny_form("bad")
     form[12] = 5.0  # lr
-    with pytest.raises(Exception, match="learning rate|lr"):
+    with pytest.raises(AppError, match="learning rate|lr"):
         client.predict(*form, api_name="/start_finetune")

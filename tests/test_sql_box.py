@@ -7,6 +7,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 
 from core.sqlbox import ReadOnlyQueryError, SqlBox
 from core.store import Store
@@ -154,7 +155,7 @@ def test_the_apps_sql_endpoint_refuses_escapes_and_leaves_the_tables(tmp_path):
                 ("SELECT 1; DROP TABLE jobs", r"exactly one statement \(got 2\)"),
                 ("DROP TABLE votes", "read-only"),
                 ("SELECT count(*) FROM range(1000000000000)", r"Query stopped after 0\.5 s")):
-            with pytest.raises(Exception, match=message) as refused:
+            with pytest.raises(AppError, match=message) as refused:
                 client.predict(sql, api_name="/sql")
             assert "canary-4242" not in str(refused.value)
         after, _ = client.predict(tables, api_name="/sql")
