@@ -17,6 +17,7 @@ from core import config
 from core.names import check_hub_id
 from core.dataset_presets import PRESETS, Parsed, Preset, PresetPart
 from core.schema import Passage, QAExample, split_of
+from core.textfiles import decode_text
 
 __all__ = ["DatasetError", "ColumnMapping", "QADataset", "PRESETS", "Preset", "load_preset", "load_hub",
            "load_upload", "UPLOAD_EXTENSIONS"]
@@ -282,10 +283,7 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
     ext = path.suffix.lower()
     text = ""
     if ext != ".parquet":
-        if b"\0" in data[:8192]:
-            raise DatasetError(f"{name} looks like a binary file, not text; upload one of: "
-                               f"{', '.join(UPLOAD_EXTENSIONS)}.")
-        text = _decode(data, name)
+        text = decode_text(data, name, DatasetError)
         if not text.strip():
             raise DatasetError(f"{name} is empty (only whitespace).")
     if ext not in UPLOAD_EXTENSIONS:
@@ -302,14 +300,6 @@ def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
         raise DatasetError(f"{name} has no rows.")
     return rows, columns
 
-
-def _decode(data: bytes, name: str) -> str:
-    try:
-        return data.decode("utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DatasetError(f"{name} is not UTF-8 text (invalid byte on line {line}); "
-                           "save it as UTF-8 and upload it again.") from exc
 
 
 def _jsonl_rows(text: str, name: str) -> list[dict]:

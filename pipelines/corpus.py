@@ -7,6 +7,7 @@ from pathlib import Path
 
 from core import config
 from core.schema import InputError, Passage
+from core.textfiles import decode_text
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".pdf", ".html", ".htm")
@@ -29,15 +30,6 @@ class _TextOnly(html.parser.HTMLParser):
     def handle_data(self, data: str) -> None:
         if not self._skip and data.strip():
             self.parts.append(data.strip())
-
-
-def _decode(path: Path, raw: bytes) -> str:
-    if b"\x00" in raw[:8192]:
-        raise InputError(f"{path.name} looks like a binary file, not text.")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path.name} is not UTF-8 text (bad byte at position {exc.start}).") from exc
 
 
 def _pdf_text(path: Path) -> str:
@@ -65,7 +57,7 @@ def file_text(path: str | Path) -> str:
     if suffix == ".pdf":
         text = _pdf_text(path)
     else:
-        text = _decode(path, path.read_bytes())
+        text = decode_text(path.read_bytes(), path.name, InputError)
         if suffix in (".html", ".htm"):
             parser = _TextOnly()
             parser.feed(text)
