@@ -24,18 +24,20 @@ def build_app(services: Services) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         keys = keyring()  # the API keys this visitor typed, for this browser session only
+        # Each tab re-reads the server's state when the page loads and when it is selected
+        # (ui.common.on_show): lists of adapters, pipelines, runs and jobs, and its running job.
         with gr.Tab("Data"):
             data_tab.build(services)
-        with gr.Tab("Fine-tune"):
-            finetune_tab.build(services)
-        with gr.Tab("RAG"):
-            rag_tab.build(services)
-        with gr.Tab("Compare"):
-            compare_tab.build(services, keys)
-        with gr.Tab("Evaluate"):
-            evaluate_tab.build(services, keys)
-        with gr.Tab("Jobs"):
-            jobs_panel.build(services)
+        with gr.Tab("Fine-tune") as tab:
+            finetune_tab.build(services, demo, tab)
+        with gr.Tab("RAG") as tab:
+            rag_tab.build(services, demo, tab)
+        with gr.Tab("Compare") as tab:
+            compare_tab.build(services, keys, demo, tab)
+        with gr.Tab("Evaluate") as tab:
+            evaluate_tab.build(services, keys, demo, tab)
+        with gr.Tab("Jobs") as tab:
+            jobs_panel.build(services, demo, tab)
     return demo
 
 

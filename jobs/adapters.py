@@ -24,13 +24,14 @@ from core.schema import InputError, SplitSetting
 from core.secrets import Secret
 from core.store import Store
 from jobs.desk import JobDesk
-from jobs.finetune import adapter_dir, result_of
-from jobs.finetune_data import FinetuneSpec
+from jobs.finetune import adapter_dir, load_tokenizer, result_of
+from jobs.finetune_data import FinetuneSpec, TrainData, prepare_data, sample_data
 
 logger = logging.getLogger(__name__)
 
 
 KIND = "finetune"
+LENGTH_STEP = 64  # fitted max_length values are rounded up to a multiple of this
 
 
 def dataset_id_of(spec: FinetuneSpec) -> str:
@@ -53,9 +54,32 @@ class AdapterCatalog:
 
     def train(self, spec: FinetuneSpec, visitor: str | None = None) -> str:
         """Start a fine-tune on the dataset's recorded split, within the job caps (`visitor`: the
-        Gradio session asking); returns the job id."""
+        Gradio session asking); returns the job id. What the job would find out in its first
+        seconds (too few training examples, prompts longer than max_length) is refused here,
+        before any job row or process exists."""
         spec = self.training_spec(spec)  # checks it can run here (public mode: presets only)
+        self._prepared(spec)
         return self.jobs.admit(KIND, visitor, lambda: self.jobs.runner.start(KIND, spec.to_dict()))
+
+    def fitted_max_length(self, spec: FinetuneSpec) -> int:
+        """The smallest max_length (a multiple of LENGTH_STEP) that holds every prompt and answer
+        of the spec's sample; spec.max_length when the prompts are the job's to build."""
+        data = self._prepared(self.training_spec(spec).replace(max_length=10**9))
+        if data is None:
+            return spec.max_length
+        longest = max(len(e.input_ids) for e in data.train + data.val)
+        return -(-longest // LENGTH_STEP) * LENGTH_STEP
+
+    @staticmethod
+    def _prepared(spec: FinetuneSpec) -> TrainData | None:
+        """The job's own data checks (jobs.finetune_data), run with the tokenizer only: a second
+        or two for the study's sizes. None, after the sample is checked, for context 'retrieved':
+        retrieving for every prompt is the job's work."""
+        sampled = sample_data(spec, logger.debug)
+        if spec.context == "retrieved":
+            return None
+        tokenizer, _ = load_tokenizer(spec.base_model)
+        return prepare_data(spec, tokenizer, logger.debug, sampled)
 
     def rows(self) -> list[AdapterRecord]:
         return self.store.list_adapters()

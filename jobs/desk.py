@@ -74,6 +74,11 @@ class JobDesk:
         """The newest jobs first."""
         return self.runner.jobs(limit=limit)
 
+    def active(self, kind: str) -> JobRecord | None:
+        """The newest queued or running job of `kind` (what a reloaded page shows), or None."""
+        return next((job for job in self.runner.jobs(kind, limit=20)
+                     if job.status not in TERMINAL), None)
+
     def get(self, job_id: str) -> JobRecord:
         """The job's record; InvalidNameError for a malformed id, JobError for an unknown one."""
         return self.runner.get(self._checked(job_id))

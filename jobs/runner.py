@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 EVENT_POLL_SECONDS = 0.1
 TERMINAL = ("done", "failed", "cancelled", "interrupted")
+MAX_ERROR_CHARS = 500  # of a job's one-line error
 
 
 class JobCancelled(Exception):
@@ -57,21 +58,30 @@ def job_dir(job_id: str) -> Path:
 
 
 class _Progress:
-    """Turns fractions into throttled store updates with an ETA measured over this attempt."""
+    """Turns fractions into throttled store updates with an ETA. The rate is measured from the
+    first step forward in this attempt, so loading time does not inflate it, and there is no
+    ETA until a second step gives one."""
 
     def __init__(self, store: Store, job_id: str, start_fraction: float):
         self.store, self.job_id = store, job_id
-        self.t0, self.f0 = time.monotonic(), start_fraction
+        self.f0 = start_fraction
+        self.first_step: tuple[float, float] | None = None  # (time, fraction) of the first advance
         self.last_write = 0.0
+        self.eta_written = False
 
     def update(self, fraction: float, message: str = "") -> None:
         fraction = min(max(fraction, 0.0), 1.0)
         t = time.monotonic()
-        if t - self.last_write < 0.25 and fraction < 1.0:
+        if self.first_step is None and fraction > self.f0:
+            self.first_step = (t, fraction)
+        eta = None
+        if self.first_step is not None and fraction > self.first_step[1]:
+            t1, f1 = self.first_step
+            eta = (t - t1) / (fraction - f1) * (1.0 - fraction)
+        first_eta = eta is not None and not self.eta_written
+        if t - self.last_write < 0.25 and fraction < 1.0 and not first_eta:
             return
-        self.last_write = t
-        done = fraction - self.f0
-        eta = (t - self.t0) / done * (1.0 - fraction) if done > 1e-6 else None
+        self.last_write, self.eta_written = t, self.eta_written or eta is not None
         self.store.update_job(self.job_id, progress=fraction, message=message, eta_seconds=eta)
 
 
@@ -268,7 +278,9 @@ class JobRunner:
                 status = "cancelled" if cancel.is_set() else "failed"
                 if status == "failed":
                     logger.exception("job %s (%s) failed", job_id, job.kind)
-                self._finish(job_id, status, error=str(exc) or type(exc).__name__)
+                    self._finish(job_id, status, message="failed", error=one_line(exc))
+                else:
+                    self._finish(job_id, status, message="cancelled by the user")
             else:
                 status = "done"
                 self._finish(job_id, status, result=result or {}, progress=1.0, message="done")
@@ -308,8 +320,7 @@ class JobRunner:
         if self._cancel[job_id].is_set():
             raise JobCancelled()
         if proc.returncode != 0:
-            raise RuntimeError(f"exited with code {proc.returncode}: "
-                               f"{self.log_tail(job_id, 3).strip()}")
+            raise RuntimeError(self._child_error(job_id, proc.returncode))
         if result is None:
             result = read_result(saved_result)
             if result is not None:
@@ -333,6 +344,16 @@ class JobRunner:
             progress.update(latest["progress"], latest.get("message", ""))
         return result
 
+    def _child_error(self, job_id: str, returncode: int) -> str:
+        """One sentence for a child that failed: its last own line (its `error: ...` message, or
+        a traceback's last line), never the command line or the traceback's frames."""
+        lines = [line.strip() for line in self.log_tail(job_id, 40).splitlines()
+                 if line.strip() and not line.startswith(("$ ", " ", "\t", "Traceback "))]
+        reason = lines[-1].removeprefix("error: ")[:MAX_ERROR_CHARS] if lines else ""
+        if not reason:
+            return f"The process exited with code {returncode}; its log has the details."
+        return f"{reason} (exit code {returncode})"
+
     def _stop_orphan(self, job: JobRecord) -> bool:
         """Stop the process group a previous app recorded for `job` if it still runs the job,
         and forget it; returns whether something was stopped."""
@@ -344,6 +365,13 @@ class JobRunner:
         if self._job(job_id).status == "interrupted":
             return  # another runner (a restarted app) declared this attempt dead and owns the record
         self.store.update_job(job_id, status=status, finished_at=now(), eta_seconds=None, **fields)
+
+
+def one_line(exc: BaseException) -> str:
+    """What a job's row says about its failure: the first line of the message (the traceback is
+    in the job's log and the server log)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:MAX_ERROR_CHARS] if lines else type(exc).__name__
 
 
 def _append_metric(job_id: str, values: dict[str, Any]) -> None:

@@ -90,6 +90,17 @@ def test_thread_job_reports_progress_eta_and_result(store, gates):
     assert "step 19" in runner.log_tail(job_id)
 
 
+def test_no_eta_before_a_rate_is_known(store, gates):
+    runner = JobRunner(store, KINDS)
+    count = gates("count").arm()
+    job_id = runner.start("count", {"n": 20, "gate_at": 1})
+    count.wait_reached()  # one step done: a fraction, but no rate yet
+    job = store.get_job(job_id)
+    assert job.progress == pytest.approx(0.05) and job.eta_seconds is None
+    count.release()
+    assert runner.wait(job_id).status == "done"
+
+
 def test_cancel_stops_a_thread_job(store, gates):
     runner = JobRunner(store, KINDS)
     count = gates("count").arm()
@@ -278,6 +289,21 @@ def test_subprocess_job_cancel_kills_the_child(store, gates):
     job = runner.wait(job_id, timeout=30)
     assert job.status == "cancelled" and job.progress < 1
     assert gone(pid)
+
+
+@pytest.mark.parametrize("code, error", [
+    ("print('loading tokenizer and data', flush=True); raise SystemExit('error: n_train is too big')",
+     "n_train is too big (exit code 1)"),
+    ("raise ValueError('bad value')", "ValueError: bad value (exit code 1)"),
+    ("import os; os._exit(9)", "The process exited with code 9; its log has the details."),
+])
+def test_failed_child_row_says_one_sentence(store, code, error):
+    """The row shows the child's own last sentence: no command line, spec JSON or traceback
+    frames, and its message is the outcome, not the last progress step."""
+    argv = lambda spec, resume: [sys.executable, "-c", code]
+    runner = JobRunner(store, {"bad": JobKind(argv=argv)})
+    job = runner.wait(runner.start("bad", {"knob": 1}), timeout=60)
+    assert (job.status, job.message, job.error) == ("failed", "failed", error)
 
 
 def test_subprocess_failure_carries_exit_code(store):

@@ -61,6 +61,22 @@ def _shown(fn: Callable[..., Any], exc: Exception) -> gr.Error:
     return gr.Error(BUG_MESSAGE.format(type(exc).__name__))
 
 
+def on_show(page: gr.Blocks, tab: gr.Tab, fn: Callable[..., Any], inputs: list,
+            outputs: list) -> None:
+    """Run `fn` when the page loads (a reload re-reads the server's state: lists, the running
+    job) and whenever `tab` is selected (what other tabs or visitors changed since)."""
+    page.load(fn, inputs=inputs, outputs=outputs, api_name=False, show_progress="hidden")
+    tab.select(fn, inputs=inputs, outputs=outputs, api_name=False, show_progress="hidden")
+
+
+def follow_job(jobs: JobDesk, kind: str, current: str | None, **changes: Any) -> dict:
+    """The update of a tab's job box on show (`changes`: more, e.g. choices): it keeps the id
+    already there, else takes the newest running job of `kind`, so after a reload the tab
+    follows that job again (its change event shows the progress)."""
+    job = None if (current or "").strip() else jobs.active(kind)
+    return gr.update(value=job.id, **changes) if job else gr.update(**changes)
+
+
 def visitor(request: gr.Request | None) -> str | None:
     """The visitor's Gradio session (the key of the per-visitor job cap); None outside a request."""
     return getattr(request, "session_hash", None) if request is not None else None
@@ -73,6 +89,11 @@ def fmt_seconds(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def eta_of(job: JobRecord) -> float | None:
+    """The ETA worth showing: only while the job runs and once its rate is known."""
+    return job.eta_seconds if job.status == "running" else None
+
+
 def job_status(jobs: JobDesk, job_id: str) -> tuple[JobRecord | None, str]:
     """A job's record and the line a tab's poll shows (status, progress, message, ETA, then the
     error); (None, why) for an unknown or malformed id."""
@@ -80,7 +101,7 @@ def job_status(jobs: JobDesk, job_id: str) -> tuple[JobRecord | None, str]:
         job = jobs.get(job_id)
     except (JobError, InvalidNameError) as exc:  # said in the status line, not a popup
         return None, str(exc)
-    eta = f" · ETA {fmt_seconds(job.eta_seconds)}" if job.eta_seconds else ""
+    eta = f" · ETA {fmt_seconds(eta_of(job))}" if eta_of(job) else ""
     text = f"**{job.status}** · {job.progress:.0%} · {job.message or ''}{eta}"
     if job.error:
         text += f"\n\n{job.error}"

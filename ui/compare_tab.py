@@ -9,7 +9,7 @@ from core.systems import BASE
 from jobs.services import Services
 from core.systems import System
 from pipelines.compare import MAX_SYSTEMS, Comparison, compare
-from ui.common import GENERATE, user_errors
+from ui.common import GENERATE, on_show, user_errors
 from ui.keys import KeyRing, remember
 from ui.tables import chunks_table
 
@@ -21,7 +21,7 @@ def system_choices(services: Services, model_ref: str) -> list[str]:
     return [NONE, "base", *services.adapters.names(model_ref), OPENAI]
 
 
-def build(services: Services, keys: gr.State) -> None:
+def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> None:
     """`keys`: the visitor's session keyring (ui.keys), shared with the Evaluate tab."""
     gr.Markdown("Ask one question of several systems at once: the base model and fine-tuned "
                 "adapters, each with or without RAG. Retrieval runs once, every system gets the "
@@ -211,3 +211,11 @@ def build(services: Services, keys: gr.State) -> None:
                    api_name=False)
     dataset.focus(lambda: gr.update(choices=services.datasets.ids()), outputs=dataset,
                   api_name=False)
+
+    def show(model_ref):
+        systems = gr.update(choices=system_choices(services, model_ref))
+        return ([systems] * MAX_SYSTEMS + [gr.update(choices=services.indexes.names()),
+                                           gr.update(choices=services.datasets.ids())])
+
+    on_show(page, tab, show, inputs=[model],
+            outputs=[choice for choice, _ in rows] + [pipeline, dataset])

@@ -8,10 +8,12 @@ import pandas as pd
 from core import config
 from core.geval import BUILTIN
 from core.systems import BASE, System
-from jobs.evaluate import EvalSpec, JudgeSpec
+from core.schema import InputError
+from jobs.evaluate import KIND, EvalSpec, JudgeSpec
 from jobs.services import Services
 from ui import charts
-from ui.common import START_JOB, STATS, job_status, user_errors, visitor
+from ui.common import (START_JOB, STATS, follow_job, job_status, on_show, user_errors,
+                       visitor)
 from ui.keys import KeyRing, remember
 
 SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
@@ -41,7 +43,7 @@ def summary_frame(rows: list[dict]) -> pd.DataFrame:
     return df.round(3)
 
 
-def build(services: Services, keys: gr.State) -> None:
+def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> None:
     """`keys`: the visitor's session keyring (ui.keys), shared with the Compare tab."""
     gr.Markdown("Batch G-Eval, as in the study: every answer is judged for accuracy and "
                 "completeness against the reference answer (1-5), repeated and averaged. "
@@ -59,10 +61,11 @@ def build(services: Services, keys: gr.State) -> None:
             pipeline = gr.Dropdown(services.indexes.names(), value=None, allow_custom_value=True,
                                    label="RAG pipeline (for RAG systems)")
             max_new_tokens = gr.Number(value=48, precision=0, label="Max new tokens (answers)")
-        with gr.Row():
-            systems = gr.CheckboxGroup(list(candidate_systems(services, config.DEFAULT_CHAT_MODEL)),
-                                       value=[], label="Systems", scale=5)
-            refresh_systems_btn = gr.Button("↻ adapters", scale=1)
+        # A dropdown, not checkboxes: its values are checked against the adapters stored when
+        # the run starts (do_start), so one trained after the page loaded is accepted.
+        systems = gr.Dropdown(list(candidate_systems(services, config.DEFAULT_CHAT_MODEL)),
+                              value=[], multiselect=True, allow_custom_value=True,
+                              label="Systems (base model or adapter, with or without RAG)")
         with gr.Row():
             judge_kind = gr.Radio(["local", "openai"], value="local", label="Judge")
             judge_model = gr.Textbox(config.DEFAULT_CHAT_MODEL, label="Judge model")
@@ -125,7 +128,11 @@ def build(services: Services, keys: gr.State) -> None:
     def do_start(ring: KeyRing, ds, n, sd, name, model_ref, pipe, max_tokens, chosen, jk, jm, ju,
                  key, mets, meth, reps, samp, reason, cname, ccrit, csteps, request: gr.Request):
         candidates = candidate_systems(services, model_ref)
-        picked = [candidates[label] for label in chosen or [] if label in candidates]
+        unknown = [label for label in chosen or [] if label not in candidates]
+        if unknown:
+            raise InputError(f"Unknown system '{unknown[0]}' for base model '{model_ref}': choose "
+                             f"from {', '.join(candidates)}.")
+        picked = [candidates[label] for label in chosen or []]
         metric_list: list = list(mets or [])
         if (cname or "").strip():
             metric_list.append({"name": cname.strip(), "criteria": ccrit or "",
@@ -214,6 +221,15 @@ def build(services: Services, keys: gr.State) -> None:
         return gr.update(choices=list(candidate_systems(services, model_ref)))
 
     model.blur(refresh_systems, inputs=model, outputs=systems, api_name=False)
-    refresh_systems_btn.click(refresh_systems, inputs=model, outputs=systems, api_name=False)
     for dd in (run_a, run_b):
         dd.focus(lambda: gr.update(choices=runs_choices(services)), outputs=dd, api_name=False)
+
+    def show(model_ref, run_id):
+        runs = runs_choices(services)
+        return (gr.update(choices=services.datasets.ids()),
+                gr.update(choices=services.indexes.names()), refresh_systems(model_ref),
+                follow_job(services.jobs, KIND, run_id, choices=runs), gr.update(choices=runs),
+                gr.update(choices=runs))
+
+    on_show(page, tab, show, inputs=[model, run],
+            outputs=[dataset, pipeline, systems, run, run_a, run_b])

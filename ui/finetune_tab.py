@@ -9,10 +9,12 @@ import pandas as pd
 
 from core import config
 from core.secrets import Secret
+from jobs.adapters import KIND
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
 from ui import charts
-from ui.common import START_JOB, fmt_seconds, job_status, user_errors, visitor
+from ui.common import (START_JOB, fmt_seconds, follow_job, job_status, on_show, user_errors,
+                       visitor)
 
 logger = logging.getLogger(__name__)
 FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
@@ -71,7 +73,7 @@ def can_sign_in() -> bool:
     return not missing
 
 
-def build(services: Services) -> None:
+def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     gr.Markdown("Train a LoRA adapter on QA pairs (loss on the answer tokens only), the way the "
                 "study did: 200, 500 or 1000 pairs, r 16, alpha 32, 3 epochs, lr 2e-4, batch 16. "
                 "On a laptop CPU start from the **CPU preset** (the embedded 135M model, 32 pairs, "
@@ -210,7 +212,13 @@ def build(services: Services) -> None:
         token = Secret(oauth_token.token) if oauth_token else Secret.typed(typed)
         return f"Pushed: {services.adapters.push(name_value, repo, token)}"
 
-    cpu.click(lambda: form_values(FinetuneSpec.cpu_preset()), outputs=form, api_name=False)
+    @user_errors
+    def cpu_preset(ds, src):
+        """The CPU preset on the chosen dataset, with a max length that fits its prompts."""
+        spec = FinetuneSpec.cpu_preset().replace(dataset=(ds or "nq").strip(), source=src)
+        return form_values(spec.replace(max_length=services.adapters.fitted_max_length(spec)))
+
+    cpu.click(cpu_preset, inputs=[dataset, source], outputs=form, api_name=False)
     study.click(lambda: form_values(FinetuneSpec()), outputs=form, api_name=False)
     start.click(do_start, inputs=form, outputs=[job_id, status], api_name="start_finetune",
                 **START_JOB)
@@ -227,14 +235,24 @@ def build(services: Services) -> None:
     adapters.select(pick, outputs=adapter, api_name=False)
     adapter.focus(adapter_choices, outputs=adapter, api_name=False)
     adapter.change(show_adapter, inputs=adapter, outputs=details, api_name="adapter_details")
+    # The adapter list follows every change made here (its endpoints' outputs stay as they are).
     rename.click(do_rename, inputs=[adapter, new_name], outputs=[adapters, adapter_status],
-                 api_name="rename_adapter")
+                 api_name="rename_adapter").success(adapter_choices, outputs=adapter,
+                                                    api_name=False)
     delete.click(do_delete, inputs=adapter, outputs=[adapters, adapter_status],
-                 api_name="delete_adapter")
+                 api_name="delete_adapter").success(adapter_choices, outputs=adapter,
+                                                    api_name=False)
     download.click(do_zip, inputs=adapter, outputs=zip_file, api_name="download_adapter")
     import_btn.click(do_import, inputs=[import_source, base_model],
-                     outputs=[adapters, adapter_status], api_name="load_adapter")
+                     outputs=[adapters, adapter_status], api_name="load_adapter").success(
+                         adapter_choices, outputs=adapter, api_name=False)
     push.click(do_push, inputs=[adapter, repo_id, hf_token], outputs=adapter_status,
                api_name="push_adapter")
     pipeline.focus(lambda: gr.update(choices=services.indexes.names()), outputs=pipeline,
                    api_name=False)
+
+    def show(jid):
+        return (follow_job(services.jobs, KIND, jid), gr.update(choices=services.indexes.names()),
+                adapter_choices(), adapters_table(services))
+
+    on_show(page, tab, show, inputs=[job_id], outputs=[job_id, pipeline, adapter, adapters])

@@ -8,7 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from jobs.services import Services
-from ui.common import fmt_seconds, user_errors, visitor
+from ui.common import eta_of, fmt_seconds, on_show, user_errors, visitor
 
 COLUMNS = ["id", "kind", "status", "progress", "message", "eta", "attempts", "created", "error"]
 
@@ -18,7 +18,7 @@ def jobs_table(services: Services) -> pd.DataFrame:
         {
             "id": j.id, "kind": j.kind, "status": j.status,
             "progress": f"{j.progress:.0%}", "message": j.message or "",
-            "eta": fmt_seconds(j.eta_seconds), "attempts": j.attempts,
+            "eta": fmt_seconds(eta_of(j)), "attempts": j.attempts,
             "created": f"{j.created_at:%Y-%m-%d %H:%M:%S}", "error": j.error or "",
         }
         for j in services.jobs.jobs(limit=100)
@@ -26,7 +26,7 @@ def jobs_table(services: Services) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def build(services: Services) -> None:
+def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     gr.Markdown("Background work (model preparation, fine-tuning, evaluation) runs here. "
                 "Closing the browser does not stop a job; a job that was running when the app "
                 "stopped shows as *interrupted* and can be resumed.")
@@ -65,3 +65,4 @@ def build(services: Services) -> None:
     job_id.change(show_log, inputs=job_id, outputs=log, api_name="job_log")
     cancel.click(do_cancel, inputs=job_id, outputs=[table, status], api_name="cancel_job")
     resume.click(do_resume, inputs=job_id, outputs=[table, status], api_name="resume_job")
+    on_show(page, tab, lambda: jobs_table(services), inputs=[], outputs=[table])

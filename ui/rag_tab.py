@@ -5,18 +5,20 @@ import gradio as gr
 import pandas as pd
 
 from core import config
+from jobs.indexes import KIND
 from jobs.runner import TERMINAL
 from jobs.services import Services
 from pipelines import spec as pspec
 from pipelines.graph import pipeline_mermaid
 from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
 from ui import charts
-from ui.common import INDEX, STATS, fmt_seconds, job_status, user_errors, visitor
+from ui.common import (INDEX, STATS, fmt_seconds, follow_job, job_status, on_show, user_errors,
+                       visitor)
 from ui.tables import CHUNK_COLUMNS, chunks_table
 
 QUALITY_KS = (1, 3, 5, 10)
 
-def build(services: Services) -> None:
+def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     gr.Markdown("Build a Haystack RAG pipeline: split and embed a corpus into an index, then "
                 "retrieve the top-k chunks for a question and put them into the prompt.")
     with gr.Row():
@@ -27,7 +29,8 @@ def build(services: Services) -> None:
             files = gr.File(label="…or upload documents (.txt, .md, .pdf, .html)",
                             file_count="multiple", file_types=[".txt", ".md", ".pdf", ".html"])
             gr.Markdown("#### Saved pipelines")
-            saved = gr.Dropdown(services.indexes.names(), label="Saved pipelines", value=None)
+            saved = gr.Dropdown(services.indexes.names(), label="Saved pipelines", value=None,
+                                allow_custom_value=True)  # built after the page loaded
             with gr.Row():
                 load_btn = gr.Button("Load")
                 delete_btn = gr.Button("Delete", variant="stop")
@@ -156,3 +159,9 @@ def build(services: Services) -> None:
     load_btn.click(do_load, inputs=saved, outputs=[*spec_inputs, graph], api_name="load_pipeline")
     delete_btn.click(do_delete, inputs=saved, outputs=[saved, build_status],
                      api_name="delete_pipeline")
+
+    def show(jid):
+        return (follow_job(services.jobs, KIND, jid), gr.update(choices=services.datasets.ids()),
+                gr.update(choices=services.indexes.names()))
+
+    on_show(page, tab, show, inputs=[job_id], outputs=[job_id, dataset, saved])
