@@ -14,6 +14,7 @@ import pytest
 
 from core.store import Store
 from core.testhooks import GATE_ENV, gate
+from jobs.desk import JobDesk
 from jobs.events import JOB_ENV, EventReader, parse_event
 from jobs.runner import JobError, JobKind, JobRunner, job_dir
 from tests.gates import Gate
@@ -99,6 +100,17 @@ def test_no_eta_before_a_rate_is_known(store, gates):
     assert job.progress == pytest.approx(0.05) and job.eta_seconds is None
     count.release()
     assert runner.wait(job_id).status == "done"
+
+
+def test_the_desk_names_the_running_job_a_reloaded_page_follows(store, gates):
+    desk = JobDesk(JobRunner(store, KINDS))
+    assert desk.active("count") is None
+    count = gates("count").arm()
+    job_id = desk.admit("count", None, lambda: desk.runner.start("count", {"n": 5, "gate_at": 2}))
+    count.wait_reached()
+    assert desk.active("count").id == job_id and desk.active("fail") is None
+    count.release()
+    assert desk.runner.wait(job_id).status == "done" and desk.active("count") is None
 
 
 def test_cancel_stops_a_thread_job(store, gates):
