@@ -4,6 +4,7 @@ import time
 
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AppError
 
 from tests.app_server import running_app
 from tests.test_app import tiny_form
@@ -52,7 +53,7 @@ def test_impossible_finetunes_are_refused_before_any_job_row(client, field, valu
     before = len(job_rows(client))
     form = tiny_form("state-refused")
     form[field] = value
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(AppError, match=message):
         client.predict(*form, api_name="/start_finetune")
     assert len(job_rows(client)) == before
 
@@ -74,7 +75,7 @@ def test_an_adapter_trained_after_start_up_can_be_evaluated(client, tiny_adapter
 
 
 def test_an_unknown_system_is_refused_by_name(client):
-    with pytest.raises(Exception, match=r"^Unknown system 'ghost · no RAG' for base model "
+    with pytest.raises(AppError, match=r"^Unknown system 'ghost · no RAG' for base model "
                                         r"'smollm2-135m-instruct': choose from "):
         client.predict("sample:nq", 1, 0, "", "smollm2-135m-instruct", None, 8,
                        [BASE, "ghost · no RAG"], "local", "smollm2-135m-instruct", "", "",
