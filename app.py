@@ -19,10 +19,18 @@ INTRO = (
     "Try it on your own model and data."
 )
 
+# On a Space without a volume (config.storage_persistent) the runs are lost at the next restart.
+EPHEMERAL_BANNER = (
+    "> **Results live on this Space's disk and vanish when it restarts**: export them "
+    "(Evaluate → Export answers and judgments) or set `DATA_DIR` to a mounted volume."
+)
+
 
 def build_app(services: Services) -> gr.Blocks:
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
+        if not config.storage_persistent():
+            gr.Markdown(EPHEMERAL_BANNER)
         keys = keyring()  # the API keys this visitor typed, for this browser session only
         # Each tab re-reads the server's state when the page loads and when it is selected
         # (ui.common.on_show): lists of adapters, pipelines, runs and jobs, and its running job.

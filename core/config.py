@@ -80,13 +80,24 @@ ALLOW_OPERATOR_TOKEN_PUSH = allow_operator_token_push()
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
 
 
+# A Space's legacy persistent disk; newer Spaces mount a volume where the operator says (DATA_DIR).
+SPACE_VOLUME = Path("/data")
+
+
+def storage_persistent(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether results outlive a restart. False only on a Space (SPACE_ID set) with neither DATA_DIR
+    (taken to be a mounted volume) nor the legacy /data disk: a Space's own disk is wiped when it
+    restarts. Off a Space the disk is the operator's own."""
+    return not env.get("SPACE_ID") or bool(env.get("DATA_DIR")) or SPACE_VOLUME.is_dir()
+
+
 def data_dir() -> Path:
     """DATA_DIR env; else /data on a Space with persistent storage; else ./data/runtime."""
     env = os.environ.get("DATA_DIR")
     if env:
         path = Path(env)
-    elif os.environ.get("SPACE_ID") and Path("/data").is_dir():
-        path = Path("/data")
+    elif os.environ.get("SPACE_ID") and SPACE_VOLUME.is_dir():
+        path = SPACE_VOLUME
     else:
         path = REPO_DIR / "data" / "runtime"
     path.mkdir(parents=True, exist_ok=True)

