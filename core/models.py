@@ -33,7 +33,7 @@ from core import config
 from core.generation import GenerationStream, GenParams, Generation, Prompt, chat_text, encode, generate_batch
 from core.model_files import (AdapterError, ModelNotFoundError, ResolvedModel, UnsupportedModelError,
                               adapter_folder, adapter_name, check_allowed, check_fits, fingerprint,
-                              hub_unavailable, model_path, resolve)
+                              hub_unavailable, load_path, resolve)
 from core.scoring import NextTokenQuery, TokenScores
 from core.systems import BASE
 
@@ -74,7 +74,7 @@ def _check_generative(ref: str, path: str) -> None:
 
 
 def _load_model(resolved: ResolvedModel) -> LoadedModel:
-    path = model_path(resolved.ref) if resolved.source else resolved.path
+    path = load_path(resolved)
     device = _device()
     # float32 on CPU: bf16 matmuls are many times slower there (STACK.md).
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -16,7 +16,7 @@ from haystack.utils import Secret as HaystackSecret
 
 from core import config
 from core.generation import GenParams
-from core.model_files import ModelNotFoundError, UnsupportedModelError, resolve
+from core.model_files import ModelNotFoundError, UnsupportedModelError, load_path, resolve
 from core.models import get_hub
 from core.secrets import OPERATOR_KEY_ENV, Secret, api_key_for, is_operator_endpoint
 from core.systems import BASE
@@ -119,12 +119,12 @@ def embedder_path(ref: str) -> str:
     """What SentenceTransformers loads for an embedder name: a folder, or a hub id."""
     try:
         resolved = resolve(ref)
+        if resolved.source is not None:  # the converted-GGUF alias is a chat model
+            raise SpecError(f"'{ref}' is a chat model, not a sentence-transformers embedder; "
+                            f"try '{config.DEFAULT_EMBEDDER}'.")
+        return load_path(resolved)
     except ModelNotFoundError as exc:
         raise SpecError(f"Embedder: {exc}") from exc
-    if resolved.source is not None:  # the converted-GGUF alias is a chat model
-        raise SpecError(f"'{ref}' is a chat model, not a sentence-transformers embedder; "
-                        f"try '{config.DEFAULT_EMBEDDER}'.")
-    return resolved.path
 
 
 def make_ranker(ref: str, top_k: int) -> Any:

