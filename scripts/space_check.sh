@@ -46,7 +46,12 @@ else
 fi
 
 PORT=$("$VENV/bin/python" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-(cd "$WORK/space" && exec env -u DATA_DIR -u MODELS_DIR -u PUBLIC_MODE SPACE_ID=space-check/lab \
+# What a Space sets (SYSTEM, SPACE_ID, SPACE_HOST; OAUTH_* and OPENID_PROVIDER_URL because the README
+# asks for hf_oauth: stand-ins, nothing contacts them until a visitor signs in), and no DATA_DIR.
+(cd "$WORK/space" && exec env -u DATA_DIR -u MODELS_DIR -u PUBLIC_MODE -u HF_TOKEN \
+    SYSTEM=spaces SPACE_ID=space-check/lab SPACE_HOST="127.0.0.1:$PORT" \
+    OAUTH_CLIENT_ID=space-check OAUTH_CLIENT_SECRET=space-check OPENID_PROVIDER_URL=https://huggingface.co \
+    OAUTH_SCOPES="openid profile write-repos manage-repos" \
     HF_HOME="$WORK/hf-home" HF_HUB_OFFLINE="$OFFLINE" GRADIO_ANALYTICS_ENABLED=False \
     GRADIO_SERVER_NAME=127.0.0.1 GRADIO_SERVER_PORT="$PORT" \
     "$VENV/bin/python" app.py >"$WORK/app.log" 2>&1) &
