@@ -17,7 +17,8 @@ from core.specs import Spec, expectation, plain_type
 
 def add_spec_arguments(parser: argparse.ArgumentParser, spec: type[Spec], prefix: str = "",
                        exclude: Iterable[str] = (), aliases: Mapping[str, str] | None = None) -> None:
-    """Add a flag for each field of `spec` (but `exclude`, which the caller parses itself).
+    """Add a flag for each field of `spec` (but `exclude`, which the caller parses itself; a
+    nested spec's field is excluded by its dotted name, "evaluation.decoding").
 
     `aliases` maps a field to an extra flag kept for old command lines ({"dataset_id": "--dataset"}).
     """
@@ -28,7 +29,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser, spec: type[Spec], prefix
         annotation, _, _ = plain_type(info.annotation, info.metadata)
         dest = prefix + name
         if isinstance(annotation, type) and issubclass(annotation, Spec):
-            add_spec_arguments(parser, annotation, prefix=f"{dest}_")
+            inner = [n.split(".", 1)[1] for n in skipped if n.startswith(name + ".")]
+            add_spec_arguments(parser, annotation, prefix=f"{dest}_", exclude=inner)
             continue
         flags = ["--" + dest.replace("_", "-")] + ([aliases[name]] if name in aliases else [])
         default = info.get_default(call_default_factory=True)
@@ -37,7 +39,9 @@ def add_spec_arguments(parser: argparse.ArgumentParser, spec: type[Spec], prefix
         bounds = f": {expectation(info.annotation, info.metadata)}" if annotation in (int, float) else ""
         help_text = (info.description or "") + bounds + (
             "" if shown in ("", None) else f" (default: {shown})")
-        options: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+        # argparse %-formats help: a default holding "%" (a prompt template) must be escaped.
+        options: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS,
+                                   "help": help_text.replace("%", "%%")}
         if annotation is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif get_origin(annotation) is Literal:

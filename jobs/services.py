@@ -16,6 +16,7 @@ from jobs.desk import JobDesk
 from jobs.evaluations import Evaluations
 from jobs.indexes import KIND as INDEX_KIND, IndexCatalog
 from jobs.runner import JobContext, JobKind, JobRunner
+from jobs.study import KIND as STUDY_KIND, Studies, StudyResources
 
 MAX_CONCURRENT_JOBS = 2
 
@@ -30,6 +31,7 @@ class Services:
     adapters: AdapterCatalog
     indexes: IndexCatalog
     evaluations: Evaluations
+    studies: Studies
 
 
 def prepare_models(hub: ModelHub):
@@ -59,11 +61,13 @@ def build_services(warm_up: bool = True, store: Store | None = None) -> Services
                                        index=indexes.get, adapter_paths=adapters.paths,
                                        training_ids=adapters.training_ids)
     evaluations = Evaluations(store, jobs, resources, adapter_rows=adapters.rows)
+    studies = Studies(StudyResources(store, jobs, datasets, adapters, indexes, evaluations))
     runner.register("prepare", JobKind(thread=prepare_models(hub)))
     runner.register(INDEX_KIND, JobKind(thread=indexes.run_job))
     runner.register(FINETUNE_KIND, JobKind(argv=finetune.finetune_argv, on_done=adapters.record))
     runner.register(evaluate.KIND, JobKind(thread=evaluate.evaluation_job(resources)))
+    runner.register(STUDY_KIND, JobKind(thread=studies.run_job))
     adapters.sync()
     if warm_up:
         runner.start("prepare", {"model": config.DEFAULT_CHAT_MODEL})
-    return Services(store, runner, jobs, hub, datasets, adapters, indexes, evaluations)
+    return Services(store, runner, jobs, hub, datasets, adapters, indexes, evaluations, studies)

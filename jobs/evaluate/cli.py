@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"run {job_id}", flush=True)
     try:
-        job = _follow(services, job_id)
+        job = follow(services, job_id)
     except KeyboardInterrupt:
         services.runner.cancel(job_id)
         job = services.runner.wait(job_id)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _follow(services: "Services", job_id: str) -> JobRecord:
+def follow(services: "Services", job_id: str) -> JobRecord:
     """Print the job's progress lines until it ends."""
     last = None
     while True:

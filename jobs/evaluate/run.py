@@ -105,11 +105,13 @@ def preflight(res: EvalResources, spec: EvalSpec) -> Plan:
         if adapter not in known and adapter not in res.hub.list_adapters(model):
             raise EvalSpecError(f"Unknown adapter '{adapter}': train it in the Fine-tune tab or "
                                 "load it from a folder or the Hub first.")
-    _check_no_leakage(res, spec, plan)
+    check_no_leakage(res, spec, plan)
     return plan
 
 
-def _check_no_leakage(res: EvalResources, spec: EvalSpec, plan: Plan) -> None:
+def check_no_leakage(res: EvalResources, spec: EvalSpec, plan: Plan) -> None:
+    """Refuse a local adapter whose recorded training ids include an item of this run (the study
+    planner calls it too, with the training ids of adapters it has yet to train)."""
     items = {e.id for e in plan.examples}
     for adapter in dict.fromkeys(s.adapter for s in plan.systems if not s.is_base and s.kind == "local"):
         dataset_id, trained = res.training_ids(adapter)

@@ -1,0 +1,5 @@
+import sys
+
+from jobs.study.cli import main
+
+sys.exit(main())

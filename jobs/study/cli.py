@@ -1,0 +1,102 @@
+"""`python -m jobs.study plan|run|resume|report SPEC`: the same study job and rows as the app.
+
+SPEC is a JSON or YAML file (studies/cpu-mini.json is shipped); the flags after it override its
+fields (one flag per field, generated from the spec: --sizes 4,8, --evaluation-n-items 2). `run`
+and `resume` need the database to themselves: stop the app first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from core.schema import InputError
+from core.spec_cli import add_spec_arguments, spec_overrides
+from core.store import StoreLockedError
+from jobs.study.spec import StudySpec, StudySpecError
+
+ACTIONS = {"plan": "show the steps, what is already done, counts and a time estimate",
+           "run": "start the study (steps already done are skipped) and print its report",
+           "resume": "resume the stopped study job of this spec (or start one) and print its report",
+           "report": "print the results and verdicts as Markdown (--out writes a file)"}
+NOT_FLAGS = ("pipelines", "evaluation.decoding")  # objects: set them in the SPEC file
+
+
+def read_spec_file(path: str) -> dict[str, Any]:
+    """The JSON object in a .json, .yaml or .yml file."""
+    file = Path(path)
+    if not file.is_file():
+        raise StudySpecError(f"No study spec file at {path}.")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except (ValueError, ImportError) as exc:  # JSONDecodeError and yaml.YAMLError are ValueErrors
+        raise StudySpecError(f"{path} is not valid {file.suffix[1:].upper()}: {exc}") from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.study", description="The study as one resumable job: fine-tunes and "
+        "evaluations over datasets x sizes x models, ending in paired differences and a verdict.")
+    actions = parser.add_subparsers(dest="action", required=True)
+    for action, help_text in ACTIONS.items():
+        sub = actions.add_parser(action, help=help_text, description=help_text)
+        sub.add_argument("spec_file", metavar="SPEC", help="study spec: a .json or .yaml file")
+        if action == "report":
+            sub.add_argument("--out", help="write the Markdown report to this file")
+        add_spec_arguments(sub, StudySpec, exclude=NOT_FLAGS)
+    return parser
+
+
+def spec_from_args(args: argparse.Namespace) -> StudySpec:
+    data = read_spec_file(args.spec_file)
+    if not isinstance(data, dict):
+        raise StudySpecError(f"{args.spec_file} must hold one object (the study spec).")
+    return StudySpec.from_dict(spec_overrides(args, StudySpec, data))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from jobs.evaluate.cli import follow
+    from jobs.runner import JobError
+    from jobs.services import build_services
+
+    try:
+        spec = spec_from_args(args)
+        services = build_services(warm_up=False)
+        studies = services.studies
+        if args.action == "plan":
+            print(studies.plan(spec).describe())
+            return 0
+        if args.action == "report":
+            return _write_report(studies.report(spec), args.out)
+        job_id = studies.start(spec) if args.action == "run" else studies.resume(spec)
+    except (StoreLockedError, InputError, JobError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"study job {job_id}", flush=True)
+    try:
+        job = follow(services, job_id)
+    except KeyboardInterrupt:
+        services.runner.cancel(job_id)
+        job = services.runner.wait(job_id)
+    if job["status"] != "done":
+        print(f"{job['status']}: {job.get('error') or job.get('message')} — continue with "
+              f"`python -m jobs.study resume {args.spec_file}`", file=sys.stderr)
+        return 1
+    return _write_report(studies.report(spec), None)
+
+
+def _write_report(text: str, out: str | None) -> int:
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        print(f"report written to {out}")
+    else:
+        print(text, end="")
+    return 0
