@@ -25,19 +25,22 @@ NOT_FLAGS = ("pipelines", "evaluation.decoding")  # objects: set them in the SPE
 
 
 def read_spec_file(path: str) -> dict[str, Any]:
-    """The JSON object in a .json, .yaml or .yml file."""
+    """The object in a .json, .yaml or .yml file (PyYAML comes with huggingface_hub)."""
     file = Path(path)
     if not file.is_file():
         raise StudySpecError(f"No study spec file at {path}.")
     text = file.read_text(encoding="utf-8")
-    try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
 
+        try:
             return yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise StudySpecError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    try:
         return json.loads(text)
-    except (ValueError, ImportError) as exc:  # JSONDecodeError and yaml.YAMLError are ValueErrors
-        raise StudySpecError(f"{path} is not valid {file.suffix[1:].upper()}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise StudySpecError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def _parser() -> argparse.ArgumentParser:
