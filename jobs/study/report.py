@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.evalstats import N_BOOTSTRAP, summarize_run
-from jobs.evaluate import KIND as EVAL_KIND
+from jobs.evaluate import KIND as EVAL_KIND, EvalSpec
 from jobs.study.plan import StudyPlan, StudyResources, latest_job
 
 
@@ -74,9 +74,11 @@ def markdown(plan: StudyPlan, rows: list[dict[str, Any]]) -> str:
     verdicts."""
     spec, evaluation = plan.spec, plan.spec.evaluation
     judge = evaluation.judge
+    repeats = next((EvalSpec.from_dict(s.spec).effective_repeats for s in plan.steps
+                    if s.kind == EVAL_KIND), evaluation.repeats)
     lines = [f"# Study: {spec.name}", "",
              f"Judge: {judge.kind} {judge.model} · scoring {evaluation.method} · "
-             f"{evaluation.effective_repeats} repeat(s) · split seed {spec.split_seed} "
+             f"{repeats} repeat(s) · split seed {spec.split_seed} "
              f"(eval fraction {spec.eval_fraction:g}) · fine-tune: {spec.finetune.epochs} epoch(s), "
              f"LoRA r {spec.finetune.lora_r}, context {spec.finetune.context}", ""]
     for dataset_id in spec.datasets:
