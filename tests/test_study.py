@@ -244,7 +244,7 @@ def test_a_tiny_study_runs_through_the_cli_and_its_report_equals_sql(tmp_path, m
     rows = services.studies.rows(StudySpec.from_dict(TINY))
     store: Store = services.store
     [run_id] = {r["run_id"] for r in rows}
-    jobs = {kind: [(j["status"], j["attempts"]) for j in services.runner.jobs(kind)]
+    jobs = {kind: [(j.status, j.attempts) for j in services.runner.jobs(kind)]
             for kind in ("study", "index", "finetune", "evaluate")}
     assert jobs == {"study": [("done", 2)], "index": [("done", 1)],
                     "finetune": [("done", 1), ("done", 1)], "evaluate": [("done", 1)]}
@@ -256,7 +256,7 @@ def test_a_tiny_study_runs_through_the_cli_and_its_report_equals_sql(tmp_path, m
         "SELECT system_id, metric, avg(item) AS mean, count(*) AS n FROM (SELECT system_id, metric,"
         " example_id, avg(score) AS item FROM judgments WHERE run_id = ? AND score IS NOT NULL "
         "GROUP BY ALL) GROUP BY ALL", [run_id])}
-    systems = {(s["adapter"], s["rag"]): s["id"] for s in store.get_eval_run(run_id)["spec"]["systems"]}
+    systems = {(s["adapter"], s["rag"]): s["id"] for s in store.get_eval_run(run_id).spec["systems"]}
     assert len(rows) == len(sql) == 12  # 6 systems x 2 metrics
     for row in rows:
         mean, n = sql[(systems[(row["adapter"] or BASE, row["rag"])], row["metric"])]

@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         services.runner.cancel(job_id)
         job = services.runner.wait(job_id)
-    if job["status"] != "done":
-        print(f"{job['status']}: {job.get('error') or job.get('message')} — continue with "
+    if job.status != "done":
+        print(f"{job.status}: {job.error or job.message} — continue with "
               f"`python -m jobs.study resume {args.spec_file}`", file=sys.stderr)
         return 1
     return _write_report(studies.report(spec), None)

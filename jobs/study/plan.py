@@ -15,6 +15,7 @@ from typing import Any
 
 from core.datasets import QADataset, load_preset
 from core.schema import InputError
+from core.records import JobRecord
 from core.store import Store
 from jobs.adapters import AdapterCatalog
 from jobs.catalog import DatasetCatalog
@@ -172,13 +173,13 @@ def _eval_step(res: StudyResources, evaluation: EvalSpec, model: str,
                         "size": cell.spec["n_train"] if cell else 0,
                         "seed": cell.spec["seed"] if cell else None})
     job = latest_job(res, EVAL_KIND, key)
-    run = res.store.get_eval_run(job["id"]) if job else None
+    run = res.store.get_eval_run(job.id) if job else None
     answers = n_items * len(evaluation.systems)
     judgments = answers * len(evaluation.metrics) * evaluation.effective_repeats
     return Step(EVAL_KIND, key, f"evaluate {model} on {evaluation.dataset_id}: "
                 f"{len(evaluation.systems)} systems x {n_items} items", evaluation.to_dict(),
                 evaluation.dataset_id, answers + judgments,
-                done=bool(run and run["status"] == "done"), answers=answers, systems=systems)
+                done=bool(run and run.status == "done"), answers=answers, systems=systems)
 
 
 def _index_built(name: str) -> bool:
@@ -198,10 +199,10 @@ def job_key(kind: str, spec: dict[str, Any]) -> str | None:
         return None
 
 
-def latest_job(res: StudyResources, kind: str, key: str) -> dict[str, Any] | None:
+def latest_job(res: StudyResources, kind: str, key: str) -> JobRecord | None:
     """The newest job of `kind` that made (or is making) the step named `key`."""
     return next((job for job in res.jobs.runner.jobs(kind, limit=10_000)
-                 if job_key(kind, job["spec"] or {}) == key), None)
+                 if job_key(kind, job.spec or {}) == key), None)
 
 
 def _counts(steps: list[Step]) -> dict[str, int]:
@@ -224,10 +225,10 @@ def _measured_rate(res: StudyResources, kind: str) -> float | None:
     """Median seconds per unit over the newest finished jobs of `kind` (one attempt each)."""
     rates = []
     for job in res.jobs.runner.jobs(kind, limit=20):
-        result, spec = job.get("result") or {}, job.get("spec") or {}
-        if job["status"] != "done" or job["attempts"] != 1 or not job.get("started_at"):
+        result, spec = job.result or {}, job.spec or {}
+        if job.status != "done" or job.attempts != 1 or not job.started_at or not job.finished_at:
             continue
-        seconds = (job["finished_at"] - job["started_at"]).total_seconds()
+        seconds = (job.finished_at - job.started_at).total_seconds()
         units = {INDEX_KIND: result.get("passages"),
                  FINETUNE_KIND: spec.get("n_train", 0) * spec.get("epochs", 0),
                  EVAL_KIND: (result.get("answers") or 0) + (result.get("judgments") or 0)}[kind]

@@ -19,11 +19,11 @@ def report_rows(res: StudyResources, plan: StudyPlan,
     rows = []
     for step in (s for s in plan.steps if s.kind == EVAL_KIND):
         job = latest_job(res, EVAL_KIND, step.key)
-        run = res.store.get_eval_run(job["id"]) if job else None
+        run = res.store.get_eval_run(job.id) if job else None
         if run is None:
             continue
         cells = {s["id"]: s for s in step.systems}
-        summary = [row for row in summarize_run(res.store, run["id"], n_boot=n_boot)
+        summary = [row for row in summarize_run(res.store, run.id, n_boot=n_boot)
                    if row["system_id"] in cells]
         means = {(r["system_id"], r["metric"]): r["mean"] for r in summary}
         for s in summary:
@@ -32,8 +32,8 @@ def report_rows(res: StudyResources, plan: StudyPlan,
                    "system": "fine-tuned" if cell["adapter"] else "base", "adapter": cell["adapter"],
                    "size": cell["size"], "seed": cell["seed"], "rag": cell["rag"],
                    "metric": s["metric"], "mean": s["mean"], "ci_low": s["ci_low"],
-                   "ci_high": s["ci_high"], "n": s["n"], "run_id": run["id"],
-                   "run_status": run["status"], "base_mean": None, "diff": None,
+                   "ci_high": s["ci_high"], "n": s["n"], "run_id": run.id,
+                   "run_status": run.status, "base_mean": None, "diff": None,
                    "diff_ci_low": None, "diff_ci_high": None, "n_paired": 0, "verdict": None}
             if cell["adapter"] and s["base"] is not None:
                 row.update(base_mean=means.get((s["base"], s["metric"])), diff=s["diff"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from core.records import JobRecord
 from core.testhooks import gate
 from jobs.evaluate import EvalSpec
 from jobs.finetune_data import FinetuneSpec
@@ -55,7 +56,7 @@ class Studies:
         if stopped is None:
             return self.start(spec, visitor)
         self.plan(spec)
-        return self.res.jobs.resume(stopped["id"], visitor)
+        return self.res.jobs.resume(stopped.id, visitor)
 
     def rows(self, spec: StudySpec) -> list[dict[str, Any]]:
         return report_rows(self.res, self.plan(spec))
@@ -69,10 +70,10 @@ class Studies:
         """The runner's entry point for kind "study"."""
         return run_study(ctx, self.res, StudySpec.from_dict(ctx.spec))
 
-    def _job_of(self, spec: StudySpec, statuses: tuple[str, ...]) -> dict[str, Any] | None:
+    def _job_of(self, spec: StudySpec, statuses: tuple[str, ...]) -> JobRecord | None:
         wanted = spec.to_dict()
         return next((job for job in self.res.jobs.runner.jobs(KIND, limit=10_000)
-                     if job["spec"] == wanted and job["status"] in statuses), None)
+                     if job.spec == wanted and job.status in statuses), None)
 
 
 def run_study(ctx: JobContext, res: StudyResources, spec: StudySpec) -> dict[str, Any]:
@@ -100,10 +101,12 @@ def _start_or_join(res: StudyResources, step: Step) -> str:
     """The job that makes the step: one still running (joined), a stopped one (resumed through
     its own resume; an index is rebuilt, as building it is one piece), else a new one."""
     job = latest_job(res, step.kind, step.key)
-    if job is not None and job["status"] not in TERMINAL:
-        return job["id"]
-    if job is not None and job["status"] in STOPPED and step.kind != "index":
-        return res.jobs.resume(job["id"])
+    if job is not None and job.status not in TERMINAL:
+        return job.id
+    if job is not None and job.status in STOPPED and step.kind != "index":
+        # The study owns its steps' jobs (it was admitted as a whole): resumed within the caps,
+        # as no visitor's, like the ones it starts.
+        return res.jobs.admit(step.kind, None, lambda: res.jobs.runner.resume(job.id))
     if step.kind == "index":
         return res.indexes.start(PipelineSpec.from_dict(step.spec["pipeline"]), step.dataset_id, None)
     if step.kind == "finetune":
@@ -118,18 +121,18 @@ def _wait(ctx: JobContext, res: StudyResources, job_id: str, step: Step, number:
     while True:
         try:
             job = res.jobs.runner.wait(job_id, WAIT_SECONDS)
-            if job["status"] in TERMINAL:
+            if job.status in TERMINAL:
                 break
-            ctx.progress((number + (job["progress"] or 0.0)) / total,
-                         f"step {number + 1}/{total}: {step.label} · {job.get('message') or ''}")
+            ctx.progress((number + (job.progress or 0.0)) / total,
+                         f"step {number + 1}/{total}: {step.label} · {job.message or ''}")
         except JobCancelled:
             try:
-                res.jobs.cancel(job_id)
+                res.jobs.runner.cancel(job_id)
             except JobError:  # it ended meanwhile
                 pass
             res.jobs.runner.wait(job_id)
             raise
-    if job["status"] != "done":
-        raise StudyStepError(f"Step '{step.label}' {job['status']} (job {job_id}): "
-                             f"{job.get('error') or job.get('message')}. What it made is kept; "
+    if job.status != "done":
+        raise StudyStepError(f"Step '{step.label}' {job.status} (job {job_id}): "
+                             f"{job.error or job.message}. What it made is kept; "
                              "fix the cause and resume the study.")
