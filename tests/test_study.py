@@ -167,6 +167,27 @@ def test_a_dataset_recorded_with_another_split_is_refused(services):
     assert services.studies.plan(tiny(split_seed=3)).steps
 
 
+def test_a_cancelled_study_stops_between_steps_and_keeps_what_it_built(services, tmp_path,
+                                                                        monkeypatch):
+    """Cancelled while it waits at the first fine-tune (a test gate): the index it built stays
+    and is reused by the next plan, and no fine-tune job was started."""
+    monkeypatch.setenv("LAB_TEST_GATE_DIR", str(tmp_path / "gates"))
+    gate = Gate(tmp_path / "gates", "study-finetune").arm()
+    spec = tiny()
+    job_id = services.studies.start(spec)
+    gate.wait_reached(timeout=120, alive=lambda: services.runner.get(job_id).status in (
+        "queued", "running"))
+    with pytest.raises(StudySpecError, match=rf"^Study 'tiny' with this spec is already running "
+                                             rf"\(job {job_id}\)\.$"):
+        services.studies.start(spec)
+    services.jobs.cancel(job_id)
+    gate.release()
+    assert services.runner.wait(job_id).status == "cancelled"
+    assert [j.status for j in services.runner.jobs("index")] == ["done"]
+    assert services.runner.jobs("finetune") == []
+    assert [s.done for s in services.studies.plan(spec).steps] == [True, False, False, False]
+
+
 def test_verdicts_say_worse_better_or_no_difference():
     row = {"size": 200, "seed": 0, "rag": True, "metric": "accuracy", "n_paired": 30}
     assert verdict({**row, "diff": -0.42, "diff_ci_low": -0.71, "diff_ci_high": -0.15}) == (

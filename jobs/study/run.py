@@ -45,7 +45,7 @@ class Studies:
         running = self._job_of(spec, ("queued", "running"))
         if running:
             raise StudySpecError(f"Study '{spec.name}' with this spec is already running "
-                                 f"(job {running['id']}).")
+                                 f"(job {running.id}).")
         self.plan(spec)
         return self.res.jobs.admit(KIND, visitor,
                                    lambda: self.res.jobs.runner.start(KIND, spec.to_dict()))
@@ -86,6 +86,7 @@ def run_study(ctx: JobContext, res: StudyResources, spec: StudySpec) -> dict[str
             ctx.log(f"skipped (already done): {step.label}")
             continue
         gate(f"study-{step.kind}")  # tests stop the study before a step starts (core.testhooks)
+        ctx.check_cancelled()  # a study cancelled between steps starts no further job
         job_id = _start_or_join(res, step)
         ctx.log(f"{step.label}: job {job_id}")
         _wait(ctx, res, job_id, step, number, total)
