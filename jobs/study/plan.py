@@ -94,8 +94,8 @@ def plan_study(spec: StudySpec, res: StudyResources) -> StudyPlan:
             cells = _finetune_steps(spec, dataset, model)
             steps += [step for step, _ in cells]
             evaluation = spec.eval_spec(model, dataset_id, [step.key for step, _ in cells])
-            items[dataset_id] = _check_items(res, evaluation, dict(
-                (step.key, trained) for step, trained in cells))
+            items[dataset_id] = _check_items(res, evaluation,
+                                             {step.key: trained for step, trained in cells})
             steps.append(_eval_step(res, evaluation, model, cells, len(items[dataset_id])))
     return StudyPlan(spec, steps, items, _counts(steps), _seconds(res, steps))
 
