@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.geval import ACCURACY, FormInput, LocalJudge, judge_batch
+from core.geval import ACCURACY, FormInput, judge_batch
+from core.judges import LocalJudge
 from core.model_files import SMOLLM2
 from core.models import get_hub
 
