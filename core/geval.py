@@ -348,11 +348,12 @@ def judge_batch(judge: Judge, metric: Metric, steps: str, items: list[FormInput]
     if method == "logprobs":
         candidates = [str(s) for s in metric.scores]
         pending = []
-        for i, scores in enumerate(judge.score_slots(prompts, candidates, score_slot(metric), shared)):
+        for i, scores in judge.score_slots(prompts, candidates, score_slot(metric), shared):
             if scores is None:
                 pending.append(i)
                 continue
             yield i, from_probabilities(scores, metric, judge.id, hashes[i], thoughts[i])
+        pending.sort()
         sample_method = FALLBACK
     if pending:
         replies = judge.sample([prompts[i] for i in pending], samples, seed, sample_max_new_tokens,

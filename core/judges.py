@@ -10,7 +10,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Protocol
 
-from core.generation import GenParams, Prompt
+from core.generation import GenParams, Prompt, as_messages
 from core.models import get_hub
 from core.schema import InputError
 from core.scoring import TokenScores
@@ -32,10 +32,10 @@ class Judge(Protocol):
         """n replies per prompt at temperature 1, seeded."""
 
     def score_slots(self, prompts: list[Prompt], candidates: list[str], slot: str,
-                    shared: str = "") -> Iterator[TokenScores | None]:
-        """For each prompt in order, as it is read: P(next token starts each candidate) at the
-        score slot, or None if the judge has no logprobs. Every prompt already ends with `slot`;
-        a judge may also open its reply with it."""
+                    shared: str = "") -> Iterator[tuple[int, TokenScores | None]]:
+        """(prompt index, scores) for every prompt, in any order, each as soon as it is read:
+        P(next token starts each candidate) at the score slot, or None if the judge has no
+        logprobs. Every prompt already ends with `slot`; a judge may also open its reply with it."""
 
 
 class LocalJudge:
@@ -73,15 +73,20 @@ class LocalJudge:
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def score_slots(self, prompts: list[Prompt], candidates: list[str], slot: str,
-                    shared: str = "") -> Iterator[TokenScores]:
+                    shared: str = "") -> Iterator[tuple[int, TokenScores]]:
         # The reply opens with the slot line, so the very next token is the score (mass 0.1 -> 0.4
         # on the 135M model compared with reading the first token of a free reply).
         shared = shared if self._prefix_cache else ""
         rows = self._score_rows if shared else 1
-        for start in range(0, len(prompts), rows):
-            yield from self._hub.score_tokens_batch(self.model_ref, prompts[start:start + rows],
-                                                    candidates, adapter=self.adapter,
-                                                    assistant_prefix=slot, shared=shared)
+        # Prompts of similar length share a pass, so little of it is padding (characters stand
+        # in for tokens).
+        order = sorted(range(len(prompts)),
+                       key=lambda i: sum(len(m["content"]) for m in as_messages(prompts[i])))
+        for start in range(0, len(order), rows):
+            chunk = order[start:start + rows]
+            yield from zip(chunk, self._hub.score_tokens_batch(
+                self.model_ref, [prompts[i] for i in chunk], candidates, adapter=self.adapter,
+                assistant_prefix=slot, shared=shared))
 
 
 class OpenAIJudge:
@@ -117,14 +122,14 @@ class OpenAIJudge:
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def score_slots(self, prompts: list[Prompt], candidates: list[str], slot: str,
-                    shared: str = "") -> Iterator[TokenScores | None]:
-        for prompt in prompts:
+                    shared: str = "") -> Iterator[tuple[int, TokenScores | None]]:
+        for i, prompt in enumerate(prompts):
             if self._has_logprobs is False:  # learnt once; later judgments go straight to sampling
-                yield None
+                yield i, None
                 continue
             scores = self._backend.score_tokens(prompt, candidates)  # the prompt ends at the slot
             self._has_logprobs = scores is not None
-            yield scores
+            yield i, scores
 
 
 def make_judge(kind: str, model: str, base_url: str | None = None, adapter: str = BASE,

@@ -231,7 +231,7 @@ def judge() -> LocalJudge:
 
 @pytest.mark.integration
 def test_score_slot_probabilities_normalize_and_weight_into_the_range(judge):
-    [scores] = judge.score_slots([form_messages(ACCURACY, STEPS, ITEM)], ["1", "2", "3", "4", "5"],
+    [(_, scores)] = judge.score_slots([form_messages(ACCURACY, STEPS, ITEM)], ["1", "2", "3", "4", "5"],
                                  score_slot(ACCURACY))
     assert 0 < scores.mass <= 1
     assert sum(scores.normalized().values()) == pytest.approx(1.0)
@@ -308,9 +308,9 @@ def test_prefix_cached_scores_equal_uncached_scores():
         assert_same_judgments(dict(judge_batch(cached, metric, STEPS, ITEMS, "logprobs")),
                               dict(judge_batch(uncached, metric, STEPS, ITEMS, "logprobs")))
         assert len(hub.load(SMOLLM2).prefixes) == count  # one head per metric and steps
-    assert_same_judgments(
-        dict(judge_batch(cached, ACCURACY, STEPS, ITEMS, "logprobs", reasoning=True, reasoning_max_new_tokens=12)),
-        dict(judge_batch(uncached, ACCURACY, STEPS, ITEMS, "logprobs", reasoning=True, reasoning_max_new_tokens=12)))
+    reasoned = [dict(judge_batch(j, ACCURACY, STEPS, ITEMS, "logprobs", reasoning=True,
+                                 reasoning_max_new_tokens=12)) for j in (cached, uncached)]
+    assert_same_judgments(*reasoned)
 
 
 @pytest.mark.integration
@@ -349,6 +349,7 @@ def test_each_adapter_gets_its_own_cached_prefix(tmp_path):
         cached = LocalJudge(SMOLLM2, adapter, hub=hub, score_rows=4)
         uncached = LocalJudge(SMOLLM2, adapter, hub=hub, prefix_cache=False)
         by_adapter[adapter] = dict(judge_batch(cached, ACCURACY, STEPS, ITEMS, "logprobs"))
-        assert_same_judgments(by_adapter[adapter], dict(judge_batch(uncached, ACCURACY, STEPS, ITEMS, "logprobs")))
+        assert_same_judgments(by_adapter[adapter],
+                              dict(judge_batch(uncached, ACCURACY, STEPS, ITEMS, "logprobs")))
     assert len(hub.load(SMOLLM2).prefixes) == 2
     assert by_adapter[BASE][0].raw != by_adapter["judge-lora"][0].raw
