@@ -13,7 +13,8 @@
    per-row adapters, then judgments) vs the same work one item at a time (batch_size=1, the same
    code path), in judgments (items x systems x metrics) per minute (target >= 4x).
 
-    .venv/bin/python -m bench.geval [--items 8] [--new-tokens 48] [--threads N] [--skip-end-to-end]
+    .venv/bin/python -m bench.geval [--items 8] [--new-tokens 48] [--threads N] [--dataset bioasq]
+                                    [--skip-end-to-end]
 
 The judged answers in parts 1-2 are each item's reference answer and the next item's (a wrong
 answer), so the scores have something to separate. On 2 shared CPU cores the absolute times move
@@ -75,7 +76,7 @@ def prefix_cache(steps: str, items: list[FormInput], rows: int) -> dict:
             "ratio_single": uncached[one][1] / single[1], "max_diff": diff}
 
 
-def end_to_end(n_items: int, new_tokens: int, adapter_dir: Path) -> dict:
+def end_to_end(dataset: str, n_items: int, new_tokens: int, adapter_dir: Path) -> dict:
     """The evaluate job on a throwaway database: batch_size=n_items vs batch_size=1."""
     from core.store import Store
     from jobs.evaluate import EvalSpec
@@ -87,7 +88,7 @@ def end_to_end(n_items: int, new_tokens: int, adapter_dir: Path) -> dict:
     results = {}
     for label, batch in (("one at a time", 1), ("batched", n_items)):
         spec = EvalSpec.from_dict({
-            "dataset_id": "sample:bioasq", "n_items": n_items, "seed": 0,
+            "dataset_id": f"sample:{dataset}", "n_items": n_items, "seed": 0,
             "systems": [{"model": SMOLLM2}, {"model": SMOLLM2, "adapter": "bench-lora"}],
             "metrics": [{"name": "accuracy", "steps": STEPS}, {"name": "completeness", "steps": STEPS}],
             "decoding": {"max_new_tokens": new_tokens}, "batch_size": batch, "name": label})
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8, help="items per forward pass on the cached prefix")
     parser.add_argument("--new-tokens", type=int, default=48, help="answer length in part 3")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dataset", default="bioasq", help="preset whose shipped sample gives the items")
     parser.add_argument("--skip-end-to-end", action="store_true", help="parts 1-2 only")
     args = parser.parse_args()
     if args.threads:
@@ -125,7 +127,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from core.datasets import load_preset
 
-    examples = load_preset("bioasq", source="sample").split(0, 0.3)[1][:args.items]
+    examples = load_preset(args.dataset, source="sample").split(0, 0.3)[1][:args.items]
     items = [FormInput(e.question, e.answer, answer) for i, e in enumerate(examples)
              for answer in (e.answer, examples[(i + 1) % len(examples)].answer)]
     get_hub().load(SMOLLM2)
@@ -139,10 +141,11 @@ def main() -> None:
         from bench.generate import make_adapters
 
         adapter = make_adapters(Path(tempfile.mkdtemp(prefix="bench-geval-lora-")), 1)[0]
-        part3 = end_to_end(args.items, args.new_tokens, adapter)
+        part3 = end_to_end(args.dataset, args.items, args.new_tokens, adapter)
 
     n = part1["judgments"]
-    print(f"\nG-Eval bench · judge {SMOLLM2} · torch threads {torch.get_num_threads()}")
+    print(f"\nG-Eval bench · judge {SMOLLM2} · {args.dataset} sample · "
+          f"torch threads {torch.get_num_threads()}")
     print(f"{'measure':<66} {'wall s':>8} {'CPU s':>8}")
     print("-" * 84)
     rows = [
