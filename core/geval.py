@@ -14,17 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
-from core.generation import GenParams, Prompt
-from core.models import get_hub
+from core.generation import Prompt
+from core.judges import Judge, make_judge  # noqa: F401 (jobs.evaluate takes make_judge from here)
 from core.names import check_name
 from core.schema import InputError
 from core.scoring import TokenScores
-from core.secrets import OPENAI_URL, Secret
-from core.systems import BASE
 
 if TYPE_CHECKING:
     from core.store import Store
@@ -169,12 +166,20 @@ class FormInput:
     context: str | None = None
 
 
+def form_head(metric: Metric, steps: str) -> str:
+    """What every form (and reasoning) prompt of this metric and these steps starts with, ending
+    at "Example:": instructions, criteria and steps. A local judge prefills it once per metric
+    (core.prefix_cache); ending at the colon keeps its tokens a prefix of every prompt's tokens."""
+    return (f"{_INTRO}\n\n{_criteria_block(metric)}\n\nEvaluation Steps:\n\n{steps.strip()}"
+            "\n\nExample:")
+
+
 def _example_block(metric: Metric, item: FormInput) -> str:
     parts = [f"Question:\n\n{item.question.strip()}", f"Reference answer:\n\n{item.reference.strip()}"]
     if metric.uses_context:
         parts.append(f"Retrieved context:\n\n{(item.context or '').strip() or '(none was retrieved)'}")
     parts.append(f"Answer:\n\n{item.answer.strip() or '(empty answer)'}")
-    return "Example:\n\n" + "\n\n".join(parts)
+    return "\n\n".join(parts)
 
 
 def score_slot(metric: Metric) -> str:
@@ -187,15 +192,13 @@ def _form_tail(metric: Metric) -> str:
 
 def form_messages(metric: Metric, steps: str, item: FormInput) -> list[dict[str, str]]:
     """The form-filling prompt; it ends at the score slot ("- Accuracy:")."""
-    return [{"role": "user", "content": f"{_INTRO}\n\n{_criteria_block(metric)}\n\nEvaluation "
-                                        f"Steps:\n\n{steps.strip()}\n\n{_example_block(metric, item)}"
+    return [{"role": "user", "content": f"{form_head(metric, steps)}\n\n{_example_block(metric, item)}"
                                         f"\n\n{_form_tail(metric)}"}]
 
 
 def reasoning_messages(metric: Metric, steps: str, item: FormInput) -> list[dict[str, str]]:
     """First call with reasoning on: the judge follows the steps in free text, no score asked."""
-    return [{"role": "user", "content": f"{_INTRO}\n\n{_criteria_block(metric)}\n\nEvaluation "
-                                        f"Steps:\n\n{steps.strip()}\n\n{_example_block(metric, item)}"
+    return [{"role": "user", "content": f"{form_head(metric, steps)}\n\n{_example_block(metric, item)}"
                                         "\n\nFollow the evaluation steps and explain your "
                                         "reasoning briefly. Do not give the score yet."}]
 
@@ -234,107 +237,6 @@ def parse_score(reply: str | None, metric: Metric) -> float | None:
         return None
     value = float(match.group(1))
     return value if metric.score_min <= value <= metric.score_max else None
-
-
-# ---------------------------------------------------------------- judges
-
-
-class Judge(Protocol):
-    """A model that writes steps/reasoning, samples short replies, and reads the score slot."""
-
-    id: str
-
-    def complete(self, prompts: list[Prompt], max_new_tokens: int, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
-        """One reply per prompt (greedy at temperature 0)."""
-
-    def sample(self, prompts: list[Prompt], n: int, seed: int, max_new_tokens: int) -> list[list[str]]:
-        """n replies per prompt at temperature 1, seeded."""
-
-    def score_slot(self, prompt: Prompt, candidates: list[str], slot: str) -> TokenScores | None:
-        """P(next token starts each candidate) at the score slot; None if the judge has no logprobs.
-        `prompt` already ends with `slot`; a judge may also open its reply with it."""
-
-
-class LocalJudge:
-    """A model (and optional adapter) in this process's ModelHub."""
-
-    def __init__(self, model_ref: str, adapter: str = BASE, hub: Any = None,
-                 max_rows: int = 40) -> None:
-        self.model_ref, self.adapter = model_ref, adapter or BASE
-        self._hub = hub or get_hub()
-        self._max_rows = max_rows  # rows per generate call: bounds padding memory on CPU
-        self.id = f"local:{model_ref}" + ("" if self.adapter == BASE else f"+{self.adapter}")
-
-    def complete(self, prompts: list[Prompt], max_new_tokens: int, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
-        params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        texts: list[str] = []
-        for start in range(0, len(prompts), self._max_rows):
-            chunk = prompts[start:start + self._max_rows]
-            texts += [g.text for g in self._hub.generate(self.model_ref, chunk,
-                                                         [self.adapter] * len(chunk), params)]
-        return texts
-
-    def sample(self, prompts: list[Prompt], n: int, seed: int, max_new_tokens: int) -> list[list[str]]:
-        # Rows are independent draws, so n copies of a prompt in one batch are n samples.
-        rows = [p for p in prompts for _ in range(n)]
-        flat = self.complete(rows, max_new_tokens, temperature=1.0, seed=seed)
-        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-    def score_slot(self, prompt: Prompt, candidates: list[str], slot: str) -> TokenScores:
-        # The reply opens with the slot line, so the very next token is the score (mass 0.1 -> 0.4
-        # on the 135M model compared with reading the first token of a free reply).
-        return self._hub.score_tokens(self.model_ref, prompt, candidates, adapter=self.adapter,
-                                      assistant_prefix=slot)
-
-
-class OpenAIJudge:
-    """Any OpenAI-compatible endpoint. The key is used by the client only, never recorded."""
-
-    def __init__(self, base_url: str | None, api_key: Secret | None, model: str,
-                 timeout: float = 60.0, parallel: int = 8) -> None:
-        from core.openai_backend import OpenAIBackend
-
-        # No client-side retries: the evaluation job retries with its own backoff and reports.
-        self._backend = OpenAIBackend(base_url or None, api_key, model, timeout=timeout, max_retries=0)
-        self._parallel = parallel
-        self._has_logprobs: bool | None = None
-        self.id = f"openai:{model}@{base_url or OPENAI_URL}"
-
-    def complete(self, prompts: list[Prompt], max_new_tokens: int, temperature: float = 0.0,
-                 seed: int = 0) -> list[str]:
-        params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-        return [g.text for g in self._backend.generate(prompts, params)]
-
-    def sample(self, prompts: list[Prompt], n: int, seed: int, max_new_tokens: int) -> list[list[str]]:
-        # One request per sample, each with its own seed: a server that honours seeds would
-        # otherwise return n identical samples.
-        def one(job: tuple[int, int]) -> str:
-            row, i = job
-            params = GenParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed + i)
-            return self._backend.generate([prompts[row]], params)[0].text
-
-        jobs = [(row, i) for row in range(len(prompts)) for i in range(n)]
-        with ThreadPoolExecutor(max(1, min(self._parallel, len(jobs)))) as pool:
-            flat = list(pool.map(one, jobs))
-        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-    def score_slot(self, prompt: Prompt, candidates: list[str], slot: str) -> TokenScores | None:
-        if self._has_logprobs is False:  # learnt once; later judgments go straight to sampling
-            return None
-        scores = self._backend.score_tokens(prompt, candidates)  # the prompt ends at the slot
-        self._has_logprobs = scores is not None
-        return scores
-
-
-def make_judge(kind: str, model: str, base_url: str | None = None, adapter: str = BASE,
-               api_key: Secret | None = None) -> Judge:
-    if kind == "local":
-        return LocalJudge(model, adapter)
-    if kind == "openai":
-        return OpenAIJudge(base_url, api_key, model)
-    raise MetricError(f"Unknown judge kind '{kind}': use 'local' or 'openai'.")
 
 
 # ---------------------------------------------------------------- evaluation steps
@@ -422,35 +324,39 @@ def judge_batch(judge: Judge, metric: Metric, steps: str, items: list[FormInput]
                 ) -> Iterator[tuple[int, Judgment]]:
     """Judge every item on one metric; yields (item index, Judgment) as each one completes.
 
-    logprobs: one forward pass per item at the slot; items whose judge returns no logprobs are
-    sampled together at the end (method "sampling-fallback"). sampling: all items' n samples in
-    one batched call. With reasoning, a first batched call writes the reasoning (greedy for
-    logprobs, temperature 1 for sampling) and the slot is read in a second turn after it.
+    logprobs: the slot is read for each item (a local judge reads several items per forward
+    pass); items whose judge returns no logprobs are sampled together at the end (method
+    "sampling-fallback"). sampling: all items' n samples in one batched call. With reasoning, a
+    first batched call writes the reasoning (greedy for logprobs, temperature 1 for sampling) and
+    the slot is read in a second turn after it. Every call names the prompts' shared head
+    (form_head), which a local judge prefills once and reuses.
     """
     if method not in METHODS:
         raise MetricError(f"Unknown scoring method '{method}': use {' or '.join(METHODS)}.")
     forms = [form_messages(metric, steps, item) for item in items]
+    shared = form_head(metric, steps)
     hashes = [prompt_hash(f) for f in forms]
     thoughts: list[str | None] = [None] * len(items)
     prompts: list[Prompt] = list(forms)
     if reasoning:
         first = [reasoning_messages(metric, steps, item) for item in items]
         temperature = 0.0 if method == "logprobs" else 1.0
-        thoughts = list(judge.complete(first, reasoning_max_new_tokens, temperature, seed))
+        thoughts = list(judge.complete(first, reasoning_max_new_tokens, temperature, seed, shared))
         prompts = [after_reasoning(f, t, metric) for f, t in zip(first, thoughts)]
     pending = list(range(len(items)))
     sample_method = method
     if method == "logprobs":
         candidates = [str(s) for s in metric.scores]
         pending = []
-        for i, prompt in enumerate(prompts):
-            scores = judge.score_slot(prompt, candidates, score_slot(metric))
+        for i, scores in judge.score_slots(prompts, candidates, score_slot(metric), shared):
             if scores is None:
                 pending.append(i)
                 continue
             yield i, from_probabilities(scores, metric, judge.id, hashes[i], thoughts[i])
+        pending.sort()
         sample_method = FALLBACK
     if pending:
-        replies = judge.sample([prompts[i] for i in pending], samples, seed, sample_max_new_tokens)
+        replies = judge.sample([prompts[i] for i in pending], samples, seed, sample_max_new_tokens,
+                               shared)
         for i, texts in zip(pending, replies):
             yield i, from_samples(texts, metric, judge.id, hashes[i], sample_method, thoughts[i])

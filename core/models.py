@@ -34,6 +34,7 @@ from core.generation import GenerationStream, GenParams, Generation, Prompt, cha
 from core.model_files import (AdapterError, ModelNotFoundError, ResolvedModel, UnsupportedModelError,
                               adapter_folder, adapter_name, check_allowed, check_fits, fingerprint,
                               hub_unavailable, load_path, resolve)
+from core.prefix_cache import KV, PrefixCache, batch_inputs, prefill, shared_ids, usable
 from core.scoring import NextTokenQuery, TokenScores
 from core.systems import BASE
 
@@ -51,6 +52,7 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: dict[str, tuple] = field(default_factory=dict)  # name -> fingerprint of its files
     eos_ids: list[int] = field(default_factory=list)
+    prefixes: PrefixCache = field(default_factory=PrefixCache)  # shared prompt prefixes' states
 
 
 def _device() -> torch.device:
@@ -221,10 +223,13 @@ class ModelHub:
         return sorted(entry.adapters) if entry else []
 
     def generate(self, model_ref: str, prompts: list[Prompt], adapters: list[str] | None = None,
-                 params: GenParams | None = None, cancel: threading.Event | None = None) -> list[Generation]:
-        """Answer every prompt in ONE generate call; row i uses adapters[i] (BASE for none)."""
+                 params: GenParams | None = None, cancel: threading.Event | None = None,
+                 shared: str = "") -> list[Generation]:
+        """Answer every prompt in ONE generate call; row i uses adapters[i] (BASE for none).
+        With `shared` and one adapter for all rows, the prefix up to it is prefilled once and
+        reused, as in score_tokens_batch, when every row's ids start with its ids."""
         return self._run(model_ref, prompts, adapters, params or GenParams(), None,
-                         cancel or threading.Event())
+                         cancel or threading.Event(), shared)
 
     def stream(self, model_ref: str, prompts: list[Prompt], adapters: list[str] | None = None,
                params: GenParams | None = None) -> GenerationStream:
@@ -236,18 +241,55 @@ class ModelHub:
 
     def score_tokens(self, model_ref: str, prompt: Prompt, candidates: list[str],
                      adapter: str = BASE, assistant_prefix: str = "") -> TokenScores:
-        """One forward pass: P(next token starts candidate c) after the templated prompt plus
-        `assistant_prefix` (e.g. the G-Eval score slot "- Accuracy:"), for each candidate's
-        first token, bare or after a space (core.scoring says how)."""
+        """P(next token starts candidate c) after the templated prompt plus `assistant_prefix`
+        (e.g. the G-Eval score slot "- Accuracy:"), for each candidate's first token, bare or
+        after a space (core.scoring says how). One forward pass."""
+        return self.score_tokens_batch(model_ref, [prompt], candidates, adapter, assistant_prefix)[0]
+
+    def score_tokens_batch(self, model_ref: str, prompts: list[Prompt], candidates: list[str],
+                           adapter: str = BASE, assistant_prefix: str = "",
+                           shared: str = "") -> list[TokenScores]:
+        """score_tokens for each prompt. Without `shared`, one forward pass per prompt. With it,
+        the templated text up to and including its first `shared` (e.g. G-Eval's instructions,
+        criteria and steps) is prefilled once per model, adapter and text and kept (core.prefix_cache);
+        one forward pass then runs every prompt's own suffix on top of it. Prompts whose ids do not
+        start with that prefix's ids exactly run alone, uncached."""
         entry = self.load(model_ref)
-        query = NextTokenQuery(entry.tokenizer, chat_text(entry.tokenizer, prompt) + assistant_prefix,
-                               candidates)
-        input_ids = torch.tensor([query.input_ids], device=entry.device)
+        texts = [chat_text(entry.tokenizer, p) + assistant_prefix for p in prompts]
+        queries = [NextTokenQuery(entry.tokenizer, t, candidates) for t in texts]
+        head = shared_ids(entry.tokenizer, texts, shared) if prompts else None
+        logits: dict[int, torch.Tensor] = {}
+        # Two positions are read; each row needs them in its own suffix.
+        rows = [i for i, q in enumerate(queries) if head is not None and usable(q.input_ids, head, 2)]
+        if shared and len(rows) < len(queries):
+            logger.info("%d of %d prompts do not start with the shared prefix's tokens: run uncached",
+                        len(queries) - len(rows), len(queries))
         with entry.lock, torch.inference_mode():
             kwargs = self._adapter_kwargs(entry, [adapter])
-            # Only the last two positions are read: skip the vocabulary projection for the rest.
-            logits = entry.model(input_ids=input_ids, logits_to_keep=2, **kwargs).logits[0]
-        return query.scores(logits)
+            prefix = self._prefix(entry, head, adapter) if rows else None
+            rows = rows if prefix else []
+            if rows:
+                inputs = batch_inputs(prefix, head, [queries[i].input_ids[len(head):] for i in rows],
+                                      entry.tokenizer.pad_token_id, entry.device, entry.model.config,
+                                      full_ids=False)
+                out = entry.model(**inputs, logits_to_keep=2,
+                                  **self._adapter_kwargs(entry, [adapter] * len(rows))).logits
+                logits.update(zip(rows, out))
+            for i in sorted(set(range(len(queries))) - set(rows)):
+                # Only the last two positions are read: skip the vocabulary projection for the rest.
+                input_ids = torch.tensor([queries[i].input_ids], device=entry.device)
+                logits[i] = entry.model(input_ids=input_ids, logits_to_keep=2, **kwargs).logits[0]
+        return [q.scores(logits[i]) for i, q in enumerate(queries)]
+
+    def _prefix(self, entry: LoadedModel, head: list[int] | None, adapter: str) -> KV | None:
+        """The cached states of the prefix `head` under `adapter`, prefilled on first use; None
+        without a head or when the model cannot cache. The caller holds entry.lock."""
+        if head is None:
+            return None
+        kwargs = self._adapter_kwargs(entry, [adapter])
+        with torch.inference_mode():
+            return entry.prefixes.get((adapter, entry.adapters.get(adapter), tuple(head)),
+                                      lambda: prefill(entry.model, head, entry.device, kwargs))
 
     def _adapter_kwargs(self, entry: LoadedModel, adapters: list[str]) -> dict[str, Any]:
         """peft's per-row adapter_names, or nothing for the plain model. The caller holds
@@ -267,16 +309,28 @@ class ModelHub:
 
     def _run(self, model_ref: str, prompts: list[Prompt], adapters: list[str] | None,
              params: GenParams, on_update: Callable[[list[str]], None] | None,
-             cancel: threading.Event) -> list[Generation]:
+             cancel: threading.Event, shared: str = "") -> list[Generation]:
         adapters = list(adapters) if adapters is not None else [BASE] * len(prompts)
         if len(adapters) != len(prompts):
             raise ValueError(f"Got {len(prompts)} prompts but {len(adapters)} adapter names.")
         if not prompts:
             return []
         entry = self.load(model_ref)
-        enc = encode(entry.tokenizer, prompts, entry.device)
+        tokenizer = entry.tokenizer
+        texts = [chat_text(tokenizer, p) for p in prompts]
+        head = shared_ids(tokenizer, texts, shared) if len(set(adapters)) == 1 else None
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts] if head else []
+        if head is not None and not all(usable(row, head, 1) for row in ids):
+            logger.info("a prompt does not start with the shared prefix's tokens: generating uncached")
+            head = None
         with entry.lock:
             kwargs = self._adapter_kwargs(entry, adapters)
+            prefix = self._prefix(entry, head, adapters[0])
+            if prefix:
+                enc = batch_inputs(prefix, head, [row[len(head):] for row in ids],
+                                   tokenizer.pad_token_id, entry.device, entry.model.config, full_ids=True)
+            else:
+                enc = encode(tokenizer, prompts, entry.device)
             return generate_batch(entry.model, entry.tokenizer, enc, entry.eos_ids, params, kwargs,
                                   on_update, cancel)
 

@@ -8,13 +8,17 @@ import pytest
 from scipy import stats
 
 from core import evalstats
-from core.geval import (ACCURACY, COMPLETENESS, FALLBACK, FormInput, LocalJudge, Metric,
-                        MetricError, form_messages, from_probabilities, from_samples, get_steps,
-                        judge_batch, metric_from, parse_score, prompt_hash, score_slot, set_steps)
+from core.geval import (ACCURACY, COMPLETENESS, FALLBACK, FormInput, Metric, MetricError, form_head,
+                        form_messages, from_probabilities, from_samples, get_steps, judge_batch,
+                        metric_from, parse_score, prompt_hash, reasoning_messages, score_slot, set_steps)
+from core.generation import GenParams
+from core.judges import LocalJudge
 from core.model_files import SMOLLM2
+from core.models import ModelHub
 from core.scoring import TokenScores
 from core.store import Store
-from core.systems import System
+from core.systems import BASE, System
+from tests.servers import make_lora_adapters
 
 STEPS = "1. Compare the facts of the answer with the reference answer.\n2. Score 5 if they agree."
 ITEM = FormInput("When was the Eiffel Tower completed?", "It was completed in 1889.", "In 1889.")
@@ -107,6 +111,21 @@ def test_form_ends_at_the_score_slot_and_shows_context_only_when_asked():
     text = form_messages(faithful, STEPS, FormInput("Q?", "ref", "ans", context="PASSAGE"))[-1]["content"]
     assert "Retrieved context:\n\nPASSAGE" in text and text.endswith("- Faithfulness:")
     assert prompt_hash(form) != prompt_hash(form_messages(ACCURACY, STEPS, ITEM))
+
+
+def test_every_prompt_of_a_metric_starts_with_its_head_and_keeps_its_hash():
+    faithful = Metric("faithfulness", "Is every claim supported?", uses_context=True)
+    empty = FormInput("Q?", "ref", "", context="PASSAGE")
+    for metric, item in ((ACCURACY, ITEM), (faithful, empty)):
+        head = form_head(metric, STEPS)
+        assert head.endswith(f"{STEPS}\n\nExample:")
+        for messages in (form_messages(metric, STEPS, item), reasoning_messages(metric, STEPS, item)):
+            assert messages[0]["content"].startswith(head + "\n\nQuestion:")
+    # The same text as before the head was split out: stored judgments keep their prompt hashes.
+    assert prompt_hash(form_messages(ACCURACY, STEPS, ITEM)) == (
+        "114506342def5da4f182b184605b7d27c6d041d1f09f1138a001fa020d205dc7")
+    assert prompt_hash(reasoning_messages(faithful, STEPS, empty)) == (
+        "5af1fa6e6efca0475f791e680ba86f68204f237076f57b84d6881e545693ad5b")
 
 
 # ---------------------------------------------------------------- judgments without a model
@@ -212,15 +231,16 @@ def judge() -> LocalJudge:
 
 @pytest.mark.integration
 def test_score_slot_probabilities_normalize_and_weight_into_the_range(judge):
-    scores = judge.score_slot(form_messages(ACCURACY, STEPS, ITEM), ["1", "2", "3", "4", "5"],
-                              score_slot(ACCURACY))
+    [(_, scores)] = judge.score_slots([form_messages(ACCURACY, STEPS, ITEM)], ["1", "2", "3", "4", "5"],
+                                 score_slot(ACCURACY))
     assert 0 < scores.mass <= 1
     assert sum(scores.normalized().values()) == pytest.approx(1.0)
     [(index, judgment)] = list(judge_batch(judge, ACCURACY, STEPS, [ITEM], "logprobs"))
     assert index == 0 and judgment.method == "logprobs" and judgment.judge == f"local:{SMOLLM2}"
     assert 1 <= judgment.score <= 5 and 0 < judgment.mass <= 1
-    assert judgment.mass == pytest.approx(scores.mass)
-    assert judgment.score == pytest.approx(sum(int(s) * p for s, p in scores.normalized().items()))
+    # judge_batch reads the slot on the cached head (core.prefix_cache): equal within 1e-4.
+    assert judgment.mass == pytest.approx(scores.mass, abs=1e-4)
+    assert judgment.score == pytest.approx(sum(int(s) * p for s, p in scores.normalized().items()), abs=1e-4)
     assert judgment.prompt_hash == prompt_hash(form_messages(ACCURACY, STEPS, ITEM))
 
 
@@ -256,3 +276,81 @@ def test_steps_are_written_once_per_metric_and_judge_then_editable(judge, tmp_pa
     assert get_steps(store, own, judge) == "1. My own steps."
     with pytest.raises(MetricError, match="empty"):
         set_steps(store, COMPLETENESS, judge.id, "  ")
+
+
+# ---------------------------------------------------------------- the shared prefix, cached
+
+ITEMS = [ITEM, FormInput("What colour is the sky on a clear day at noon?", "Blue.", "Green, mostly."),
+         FormInput("2+2?", "4", "", context="Arithmetic: two and two make four."),
+         FormInput("Who wrote Hamlet?", "William Shakespeare wrote it around 1600.", "Shakespeare.")]
+FAITHFUL = Metric("faithfulness", "Is every claim supported by the retrieved context?", uses_context=True)
+
+
+def assert_same_judgments(cached: dict, uncached: dict) -> None:
+    assert sorted(cached) == sorted(uncached) and len(cached) > 1
+    for i, judgment in cached.items():
+        other = uncached[i]
+        assert judgment.method == other.method == "logprobs" and judgment.prompt_hash == other.prompt_hash
+        assert judgment.reasoning == other.reasoning
+        for score, p in other.raw["probs"].items():
+            assert judgment.raw["probs"][score] == pytest.approx(p, abs=1e-4)
+        assert judgment.score == pytest.approx(other.score, abs=1e-4)
+
+
+@pytest.mark.integration
+def test_prefix_cached_scores_equal_uncached_scores():
+    """Rows of different lengths, three then one per forward pass on the cached head, against
+    each prompt prefilled whole: the same probabilities within 1e-4, on two metrics (one with
+    context) and after reasoning."""
+    hub = ModelHub()
+    cached = LocalJudge(SMOLLM2, hub=hub, score_rows=3)
+    uncached = LocalJudge(SMOLLM2, hub=hub, prefix_cache=False)
+    for count, metric in enumerate((ACCURACY, FAITHFUL), start=1):
+        assert_same_judgments(dict(judge_batch(cached, metric, STEPS, ITEMS, "logprobs")),
+                              dict(judge_batch(uncached, metric, STEPS, ITEMS, "logprobs")))
+        assert len(hub.load(SMOLLM2).prefixes) == count  # one head per metric and steps
+    reasoned = [dict(judge_batch(j, ACCURACY, STEPS, ITEMS[:2], "logprobs", reasoning=True,
+                                 reasoning_max_new_tokens=8)) for j in (cached, uncached)]
+    assert_same_judgments(*reasoned)
+
+
+@pytest.mark.integration
+def test_sampling_on_the_cached_prefix_draws_the_same_replies():
+    hub = ModelHub()
+    runs = [dict(judge_batch(LocalJudge(SMOLLM2, hub=hub, prefix_cache=on), ACCURACY, STEPS, ITEMS[:2],
+                             "sampling", samples=2, seed=3)) for on in (True, False)]
+    assert [runs[0][i].raw for i in range(2)] == [runs[1][i].raw for i in range(2)]
+    assert len(hub.load(SMOLLM2).prefixes) == 1
+
+
+@pytest.mark.integration
+def test_a_head_that_splits_a_token_or_is_missing_falls_back_to_the_uncached_pass():
+    hub = ModelHub()
+    prompts = [form_messages(ACCURACY, STEPS, item) for item in ITEMS]
+    digits, slot = [str(s) for s in ACCURACY.scores], score_slot(ACCURACY)
+    alone = hub.score_tokens_batch(SMOLLM2, prompts, digits, assistant_prefix=slot)
+    head = form_head(ACCURACY, STEPS)
+    for shared in (head[:-3], "text in no prompt"):  # "Examp" is no token boundary of "Example:"
+        scores = hub.score_tokens_batch(SMOLLM2, prompts, digits, assistant_prefix=slot, shared=shared)
+        assert [s.probs for s in scores] == [s.probs for s in alone]  # the very same passes
+        assert len(hub.load(SMOLLM2).prefixes) == 0
+    generated = hub.generate(SMOLLM2, prompts[:2], params=GenParams(max_new_tokens=6), shared=head[:-3])
+    assert [g.text for g in generated] == [g.text for g in hub.generate(SMOLLM2, prompts[:2],
+                                                                         params=GenParams(max_new_tokens=6))]
+    assert len(hub.load(SMOLLM2).prefixes) == 0
+
+
+@pytest.mark.integration
+def test_each_adapter_gets_its_own_cached_prefix(tmp_path):
+    hub = ModelHub()
+    folder = make_lora_adapters(tmp_path, ["judge-lora"])["judge-lora"]
+    hub.load_adapter(SMOLLM2, str(folder), name="judge-lora")
+    by_adapter = {}
+    for adapter in (BASE, "judge-lora"):
+        cached = LocalJudge(SMOLLM2, adapter, hub=hub, score_rows=4)
+        uncached = LocalJudge(SMOLLM2, adapter, hub=hub, prefix_cache=False)
+        by_adapter[adapter] = dict(judge_batch(cached, ACCURACY, STEPS, ITEMS, "logprobs"))
+        assert_same_judgments(by_adapter[adapter],
+                              dict(judge_batch(uncached, ACCURACY, STEPS, ITEMS, "logprobs")))
+    assert len(hub.load(SMOLLM2).prefixes) == 2
+    assert by_adapter[BASE][0].raw != by_adapter["judge-lora"][0].raw
