@@ -12,6 +12,7 @@ from core.spec_cli import add_spec_arguments, spec_overrides
 from core.store import StoreLockedError
 from core.systems import BASE
 from jobs.evaluate.spec import EvalSpec, EvalSpecError
+from jobs.runner import TERMINAL
 
 if TYPE_CHECKING:
     from jobs.services import Services
@@ -94,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"run {job_id}", flush=True)
-    try:
-        job = follow(services, job_id)
-    except KeyboardInterrupt:
-        services.runner.cancel(job_id)
-        job = services.runner.wait(job_id)
+    job = follow(services, job_id)
     if job.status != "done":
         print(f"{job.status}: {job.error or job.message} — resume with "
               f"`python -m jobs.evaluate --resume {job_id}`", file=sys.stderr)
@@ -112,13 +109,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def follow(services: "Services", job_id: str) -> JobRecord:
-    """Print the job's progress lines until it ends."""
+    """Print the job's progress lines until it ends; Ctrl-C cancels it and waits for the end."""
     last = None
-    while True:
-        job = services.runner.wait(job_id, timeout=1.0)
-        line = f"[{job.progress:6.1%}] {job.message or ''}"
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if job.status in ("done", "failed", "cancelled", "interrupted"):
-            return job
+    try:
+        while True:
+            job = services.runner.wait(job_id, timeout=1.0)
+            line = f"[{job.progress:6.1%}] {job.message or ''}"
+            if line != last:
+                print(line, flush=True)
+                last = line
+            if job.status in TERMINAL:
+                return job
+    except KeyboardInterrupt:
+        services.runner.cancel(job_id)
+        return services.runner.wait(job_id)

@@ -84,11 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"study job {job_id}", flush=True)
-    try:
-        job = follow(services, job_id)
-    except KeyboardInterrupt:
-        services.runner.cancel(job_id)
-        job = services.runner.wait(job_id)
+    job = follow(services, job_id)
     if job.status != "done":
         print(f"{job.status}: {job.error or job.message} — continue with "
               f"`python -m jobs.study resume {args.spec_file}`", file=sys.stderr)
