@@ -1,6 +1,7 @@
 """Generation on any OpenAI-compatible server (OpenAI, vLLM, TGI, `transformers serve`, Ollama),
 in the shape of ModelHub's generate/stream/score_tokens. There are no adapter arguments: the
-served model name selects the adapter (e.g. vLLM --enable-lora serves each adapter by name).
+served model name selects the adapter (e.g. vLLM --enable-lora serves each adapter by name), and
+list_models tells a server's base models from its adapters.
 
 The API key is handed to the client and nowhere else: never logged, stored or shown in errors.
 The operator's OPENAI_API_KEY goes only to the operator's endpoint (core.secrets.api_key_for); a
@@ -12,7 +13,9 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Callable, Iterator
 
 import openai
@@ -23,6 +26,7 @@ from core.secrets import Secret, api_key_for, endpoint, is_operator_endpoint
 # Local servers do not check the key, but the client refuses to start without one.
 _PLACEHOLDER_KEY = "no-key-needed"
 _MAX_PARALLEL_REQUESTS = 8
+MAX_LISTED_MODELS = 500
 
 
 class MissingApiKeyError(ValueError):
@@ -37,29 +41,56 @@ class BackendRequestError(ValueError):
     """The server answered but refused the request (bad key, unknown model, bad parameters)."""
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """One entry of a server's model list. vLLM (--enable-lora) lists each LoRA adapter as a model
+    whose `parent` is the base model it was loaded on; base models, and every model of servers that
+    know no adapters (OpenAI, Ollama, TGI), have none."""
+
+    name: str
+    parent: str | None = None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.parent is not None
+
+
+def list_models(base_url: str | None, api_key: Secret | None,
+                timeout: float = 15.0) -> list[ServedModel]:
+    """GET {base_url}/models: base models first, then adapters, each group in the server's order;
+    at most MAX_LISTED_MODELS (a server's list is whatever it says). Same key rules and error
+    sentences as generating."""
+    server = _Server(base_url, api_key, timeout, max_retries=0)
+    with server.errors():
+        try:
+            models = [_served(card) for card in islice(server.client.models.list(), MAX_LISTED_MODELS)]
+        except (openai.APIResponseValidationError, ValueError, TypeError, AttributeError) as err:
+            raise BackendRequestError(f"The server at {server.where} did not answer with a model "
+                                      "list.") from err
+    return sorted((m for m in models if m.name), key=lambda m: m.is_adapter)
+
+
+def _served(card: Any) -> ServedModel:
+    """A model card as ServedModel; a card without a usable id gets the name '' (left out)."""
+    name = card.id.strip() if isinstance(card.id, str) else ""
+    parent = (card.model_extra or {}).get("parent")
+    parent = parent.strip() if isinstance(parent, str) else ""
+    return ServedModel(name, parent if parent and parent != name else None)
+
+
 class OpenAIBackend:
     def __init__(self, base_url: str | None, api_key: Secret | None, model: str,
                  timeout: float = 60.0, max_retries: int = 1) -> None:
         """`api_key`: the key the visitor typed, if any; base_url None is the operator's endpoint."""
-        self._typed = api_key is not None
-        key = api_key_for(base_url, api_key)
-        if key is None:
-            if is_operator_endpoint(base_url):
-                raise MissingApiKeyError("This endpoint needs an API key and the app has none "
-                                         "(OPENAI_API_KEY): enter yours (kept for this browser "
-                                         "session only, never stored).")
-            key = Secret(_PLACEHOLDER_KEY)
+        self._server = _Server(base_url, api_key, timeout, max_retries)
         if not model:
             raise ValueError("Name the served model (for vLLM with --enable-lora: the adapter's name).")
         self.base_url = base_url
         self.model = model
-        self._where = base_url or endpoint(None)
-        self._key = key
-        self._client = openai.OpenAI(api_key=key.reveal(), base_url=self._where, timeout=timeout,
-                                     max_retries=max_retries)
+        self._client = self._server.client
 
     def __repr__(self) -> str:
-        return f"OpenAIBackend(base_url={self._where!r}, model={self.model!r})"
+        return f"OpenAIBackend(base_url={self._server.where!r}, model={self.model!r})"
 
     def generate(self, prompts: list[Prompt], params: GenParams | None = None) -> list[Generation]:
         """One request per prompt, sent concurrently; texts in prompt order."""
@@ -147,26 +178,50 @@ class OpenAIBackend:
         # OpenAI's newer models accept only max_completion_tokens; local servers know max_tokens.
         return {"max_completion_tokens" if self.base_url is None else "max_tokens": tokens}
 
+    def _errors(self) -> AbstractContextManager[None]:
+        return self._server.errors(self.model)
+
+
+class _Server:
+    """One OpenAI-compatible server: the key it gets (core.secrets rules), the client, and the
+    sentences its errors become."""
+
+    def __init__(self, base_url: str | None, api_key: Secret | None, timeout: float,
+                 max_retries: int) -> None:
+        self.base_url, self.typed = base_url, api_key is not None
+        key = api_key_for(base_url, api_key)
+        if key is None:
+            if is_operator_endpoint(base_url):
+                raise MissingApiKeyError("This endpoint needs an API key and the app has none "
+                                         "(OPENAI_API_KEY): enter yours (kept for this browser "
+                                         "session only, never stored).")
+            key = Secret(_PLACEHOLDER_KEY)
+        self.where = base_url or endpoint(None)
+        self.key = key
+        self.client = openai.OpenAI(api_key=key.reveal(), base_url=self.where, timeout=timeout,
+                                    max_retries=max_retries)
+
     @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Turn client exceptions into sentences; none of them repeats the key."""
+    def errors(self, model: str | None = None) -> Iterator[None]:
+        """Turn client exceptions into sentences; none of them repeats the key. `model`: the
+        served model a request named (None: the model list)."""
         try:
             yield
         except openai.APIConnectionError as err:  # includes timeouts
             raise BackendUnreachableError(
-                f"Could not reach the OpenAI-compatible server at {self._where}: is it running, "
+                f"Could not reach the OpenAI-compatible server at {self.where}: is it running, "
                 "and does the base URL end in /v1?") from err
         except openai.AuthenticationError as err:
-            hint = ("" if self._typed or is_operator_endpoint(self.base_url) else
+            hint = ("" if self.typed or is_operator_endpoint(self.base_url) else
                     ": enter yours (this app sends its own key only to the endpoint it was set up for)")
-            raise BackendRequestError(f"The server at {self._where} rejected the API key{hint}.") from err
+            raise BackendRequestError(f"The server at {self.where} rejected the API key{hint}.") from err
         except openai.NotFoundError as err:
-            raise BackendRequestError(f"The server at {self._where} does not serve model "
-                                      f"'{self.model}' (404 Not Found).") from err
+            what = f"does not serve model '{model}'" if model else "has no model list (/models)"
+            raise BackendRequestError(f"The server at {self.where} {what} (404 Not Found).") from err
         except openai.APIStatusError as err:
             # A server's error text may quote the request back: the key never goes further.
-            reason = err.message.replace(self._key.reveal(), "***")
-            raise BackendRequestError(f"The server at {self._where} refused the request "
+            reason = err.message.replace(self.key.reveal(), "***")
+            raise BackendRequestError(f"The server at {self.where} refused the request "
                                       f"({err.status_code}): {reason}") from err
 
 

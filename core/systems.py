@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from core import config
 
@@ -50,8 +51,12 @@ class System:
 
     @property
     def label(self) -> str:
-        who = self.model if self.kind == "openai" else (
-            f"{self.model} (base)" if self.adapter == BASE else self.adapter)
+        """E.g. "m (base) · no RAG" or "qa · RAG p"; a served model names its server's host, so an
+        adapter served by vLLM and the same adapter run here read apart."""
+        if self.kind == "openai":
+            who = f"{self.model} @ {_host(self.base_url)}" if self.base_url else self.model
+        else:
+            who = f"{self.model} (base)" if self.adapter == BASE else self.adapter
         rag = f"RAG {self.pipeline}" if self.rag and self.pipeline else ("RAG" if self.rag else "no RAG")
         return f"{who} · {rag}"
 
@@ -69,6 +74,11 @@ class System:
         """From stored fields; extra keys such as `id` or `label` are ignored."""
         return cls(**{k: data[k] for k in ("kind", "model", "adapter", "rag", "base_url", "pipeline")
                       if k in data})
+
+
+def _host(base_url: str) -> str:
+    """host[:port] of a URL, never its user or password."""
+    return urlsplit(base_url).netloc.rpartition("@")[2] or base_url
 
 
 def system_id(fields: dict[str, Any]) -> str:

@@ -41,6 +41,18 @@ def dataset_id_of(spec: FinetuneSpec) -> str:
     return f"sample:{spec.dataset}" if spec.source == "sample" else f"hub:{PRESETS[spec.dataset].hub_id}"
 
 
+def trained_here() -> list[dict[str, Any]]:
+    """The adapters-table rows of the finished fine-tunes under the data dir, read from their
+    folders (spec.json, metrics.json): what the table holds of them, without opening the database."""
+    rows = []
+    for folder in sorted(config.subdir("adapters").iterdir()):
+        if not (folder / "metrics.json").is_file():
+            continue
+        spec = FinetuneSpec.from_dict(json.loads((folder / "spec.json").read_text()))
+        rows.append(result_of(spec, folder, json.loads((folder / "metrics.json").read_text())))
+    return rows
+
+
 class AdapterCatalog:
     def __init__(self, store: Store, hub: ModelHub, jobs: JobDesk,
                  split_of: Callable[[str], SplitSetting]) -> None:
@@ -113,13 +125,10 @@ class AdapterCatalog:
         held the database, or before a crash): nothing trained is lost from the list."""
         known = set(self.paths())
         added = []
-        for folder in sorted(config.subdir("adapters").iterdir()):
-            if folder.name in known or not (folder / "metrics.json").is_file():
-                continue
-            spec = FinetuneSpec.from_dict(json.loads((folder / "spec.json").read_text()))
-            metrics = json.loads((folder / "metrics.json").read_text())
-            self.store.upsert_adapter(**result_of(spec, folder, metrics))
-            added.append(folder.name)
+        for row in trained_here():
+            if row["name"] not in known:
+                self.store.upsert_adapter(**row)
+                added.append(row["name"])
         return added
 
     def record(self, job_id: str, result: dict[str, Any]) -> None:

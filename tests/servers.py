@@ -76,24 +76,33 @@ def served_model(timeout: float = 180, port: int | None = None) -> Iterator[tupl
 
 class KeyRecordingServer(ThreadingHTTPServer):
     """/v1/chat/completions answering `reply` to everything (streamed or not, with logprobs when
-    asked), recording each request's Authorization header in `auth`. With `key`, a request
-    carrying another key gets 401, as a hosted endpoint answers."""
+    asked), recording each request's Authorization header in `auth` and the model it named in
+    `asked`. With `key`, a request carrying another key gets 401, as a hosted endpoint answers.
+
+    GET /v1/models lists `models` as vLLM does: ModelCards, a LoRA adapter's with `parent` set to
+    its base model (vllm/entrypoints/openai/serving_models.py, show_available_models)."""
 
     daemon_threads = True
 
-    def __init__(self, reply: str = "3", key: str | None = None) -> None:
+    def __init__(self, reply: str = "3", key: str | None = None,
+                 models: dict[str, str | None] | None = None) -> None:
+        """`models`: served name -> parent (None for a base model)."""
         super().__init__(("127.0.0.1", 0), _ChatHandler)
         self.reply, self.key = reply, key
+        self.models = models or {"m": None}
         self.auth: list[str] = []
+        self.asked: list[str] = []
         self._lock = threading.Lock()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
 
-    def record(self, header: str) -> None:
+    def record(self, header: str, model: str | None = None) -> None:
         with self._lock:
             self.auth.append(header)
+            if model is not None:
+                self.asked.append(model)
 
 
 class _ChatHandler(BaseHTTPRequestHandler):
@@ -102,13 +111,20 @@ class _ChatHandler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet test output
         pass
 
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") != "/v1/models":
+            return self._json(404, {"error": {"message": f"no route {self.path}"}})
+        if self._refused():
+            return
+        cards = [{"id": name, "object": "model", "created": 0, "owned_by": "vllm",
+                  "root": f"/models/{name}", "parent": parent, "max_model_len": 2048,
+                  "permission": []} for name, parent in self.server.models.items()]
+        self._json(200, {"object": "list", "data": cards})
+
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        auth = self.headers.get("Authorization", "")
-        self.server.record(auth)
-        if self.server.key is not None and auth != f"Bearer {self.server.key}":
-            return self._json(401, {"error": {"message": "Incorrect API key provided.",
-                                              "type": "invalid_request_error", "code": "invalid_api_key"}})
+        if self._refused(body.get("model", "m")):
+            return
         reply, model = self.server.reply, body.get("model", "m")
         usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
         if body.get("stream"):
@@ -131,6 +147,16 @@ class _ChatHandler(BaseHTTPRequestHandler):
                                       "logprobs": logprobs, "finish_reason": "stop"}],
                          "usage": usage})
 
+    def _refused(self, model: str | None = None) -> bool:
+        """Record the request; answer 401 (and say so) when it carries the wrong key."""
+        auth = self.headers.get("Authorization", "")
+        self.server.record(auth, model)
+        if self.server.key is not None and auth != f"Bearer {self.server.key}":
+            self._json(401, {"error": {"message": "Incorrect API key provided.",
+                                       "type": "invalid_request_error", "code": "invalid_api_key"}})
+            return True
+        return False
+
     def _json(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
@@ -141,8 +167,9 @@ class _ChatHandler(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def key_recording_server(reply: str = "3", key: str | None = None) -> Iterator[KeyRecordingServer]:
-    server = KeyRecordingServer(reply, key)
+def key_recording_server(reply: str = "3", key: str | None = None,
+                         models: dict[str, str | None] | None = None) -> Iterator[KeyRecordingServer]:
+    server = KeyRecordingServer(reply, key, models)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -11,14 +11,17 @@ from core.systems import System
 from pipelines.compare import MAX_SYSTEMS, Comparison, compare
 from ui.common import GENERATE, on_show, user_errors
 from ui.keys import KeyRing, remember
+from ui.served import listing
 from ui.tables import chunks_table
 
 NONE, OPENAI = "(off)", "OpenAI-compatible"
+SERVED = "served: "  # + a model name listed by the endpoint: that model on the endpoint
 CHOICES = ["A better", "B better", "tie", "all bad"]
 
 
-def system_choices(services: Services, model_ref: str) -> list[str]:
-    return [NONE, "base", *services.adapters.names(model_ref), OPENAI]
+def system_choices(services: Services, model_ref: str, served: list[str] | None = None) -> list[str]:
+    return [NONE, "base", *services.adapters.names(model_ref), OPENAI,
+            *(SERVED + name for name in served or [])]
 
 
 def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> None:
@@ -56,6 +59,10 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
             remote_model = gr.Textbox(label="Served model name")
             api_key = gr.Textbox(label="API key (kept for this browser session only, never "
                                  "stored)", type="password")
+        list_models = gr.Button("List server models (each becomes a 'served:' system)")
+        served_table = gr.Dataframe(label="Served models (vLLM lists each LoRA adapter with its "
+                                    "base model as parent)", interactive=False)
+        served = gr.State([])
     with gr.Accordion("Decoding (shared by every system)", open=False):
         with gr.Row():
             max_new_tokens = gr.Slider(8, 512, value=96, step=8, label="Max new tokens")
@@ -94,8 +101,9 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         for choice, use_rag in zip(values[::2], values[1::2]):
             if choice in (None, NONE):
                 continue
-            if choice == OPENAI:
-                systems.append(System("openai", (remote or "").strip(), rag=bool(use_rag),
+            if choice == OPENAI or choice.startswith(SERVED):
+                name = choice[len(SERVED):] if choice.startswith(SERVED) else remote
+                systems.append(System("openai", (name or "").strip(), rag=bool(use_rag),
                                       base_url=(url or "").strip() or None, pipeline=pipe))
             else:
                 adapter = BASE if choice == "base" else choice
@@ -204,18 +212,22 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
     picked.change(use_question, inputs=[dataset, picked], outputs=[question, reference],
                   api_name=False)
     preset.click(two_by_two, inputs=[model, pipeline], outputs=row_inputs, api_name="preset_2x2")
-    for choice, _ in rows:  # adapters trained since the page loaded appear on the next click
-        choice.focus(lambda m: gr.update(choices=system_choices(services, m)), inputs=model,
-                     outputs=choice, api_name=False)
+    choices = [choice for choice, _ in rows]
+    list_models.click(user_errors(listing), inputs=[keys, base_url, api_key],
+                      outputs=[served_table, served, keys], api_name="list_server_models").then(
+        lambda m, names: [gr.update(choices=system_choices(services, m, names))] * MAX_SYSTEMS,
+        inputs=[model, served], outputs=choices, api_name=False)
+    for choice in choices:  # adapters trained since the page loaded appear on the next click
+        choice.focus(lambda m, names: gr.update(choices=system_choices(services, m, names)),
+                     inputs=[model, served], outputs=choice, api_name=False)
     pipeline.focus(lambda: gr.update(choices=services.indexes.names()), outputs=pipeline,
                    api_name=False)
     dataset.focus(lambda: gr.update(choices=services.datasets.ids()), outputs=dataset,
                   api_name=False)
 
-    def show(model_ref):
-        systems = gr.update(choices=system_choices(services, model_ref))
+    def show(model_ref, names):
+        systems = gr.update(choices=system_choices(services, model_ref, names))
         return ([systems] * MAX_SYSTEMS + [gr.update(choices=services.indexes.names()),
                                            gr.update(choices=services.datasets.ids())])
 
-    on_show(page, tab, show, inputs=[model],
-            outputs=[choice for choice, _ in rows] + [pipeline, dataset])
+    on_show(page, tab, show, inputs=[model, served], outputs=choices + [pipeline, dataset])

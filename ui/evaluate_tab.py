@@ -15,6 +15,7 @@ from ui import charts
 from ui.common import (START_JOB, STATS, follow_job, job_status, on_show, user_errors,
                        visitor)
 from ui.keys import KeyRing, remember
+from ui.served import listing
 
 SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
                    "base", "diff", "diff_ci_low", "diff_ci_high"]
@@ -22,13 +23,22 @@ STUDY_COLUMNS = ["dataset", "n_train", "system", "rag", "metric", "n", "mean", "
                  "run"]
 
 
-def candidate_systems(services: Services, model_ref: str) -> dict[str, System]:
+def candidate_systems(services: Services, model_ref: str,
+                      served: dict[str, System] | None = None) -> dict[str, System]:
+    """The systems a run may pick, by label: the base model and its adapters here, each with and
+    without RAG, then `served` (the models a listed server serves, ui.served)."""
     systems = {}
     for adapter in [BASE, *services.adapters.names(model_ref)]:
         for rag in (False, True):
             s = System("local", model_ref, adapter, rag)
             systems[s.label] = s
-    return systems
+    return {**systems, **(served or {})}
+
+
+def served_systems(names: list[str], base_url: str | None) -> dict[str, System]:
+    url = (base_url or "").strip() or None
+    systems = [System("openai", name, rag=rag, base_url=url) for name in names for rag in (False, True)]
+    return {s.label: s for s in systems}
 
 
 def runs_choices(services: Services) -> list[tuple[str, str]]:
@@ -66,6 +76,16 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         systems = gr.Dropdown(list(candidate_systems(services, config.DEFAULT_CHAT_MODEL)),
                               value=[], multiselect=True, allow_custom_value=True,
                               label="Systems (base model or adapter, with or without RAG)")
+        with gr.Accordion("Systems on an OpenAI-compatible server (e.g. vLLM serving the "
+                          "adapters: python -m jobs.vllm_command)", open=False):
+            with gr.Row():
+                server_url = gr.Textbox(label="Base URL (empty = the app's endpoint)",
+                                        placeholder="http://127.0.0.1:8000/v1")
+                server_key = gr.Textbox(label="API key (kept for this browser session only)",
+                                        type="password")
+            list_models = gr.Button("List server models (adds each to the systems)")
+            served_table = gr.Dataframe(label="Served models", interactive=False)
+            served = gr.State({})
         with gr.Row():
             judge_kind = gr.Radio(["local", "openai"], value="local", label="Judge")
             judge_model = gr.Textbox(config.DEFAULT_CHAT_MODEL, label="Judge model")
@@ -125,9 +145,10 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         sql_note = gr.Markdown()
 
     @user_errors
-    def do_start(ring: KeyRing, ds, n, sd, name, model_ref, pipe, max_tokens, chosen, jk, jm, ju,
-                 key, mets, meth, reps, samp, reason, cname, ccrit, csteps, request: gr.Request):
-        candidates = candidate_systems(services, model_ref)
+    def do_start(ring: KeyRing, served_by_label, ds, n, sd, name, model_ref, pipe, max_tokens,
+                 chosen, jk, jm, ju, key, mets, meth, reps, samp, reason, cname, ccrit, csteps,
+                 request: gr.Request):
+        candidates = candidate_systems(services, model_ref, served_by_label)
         unknown = [label for label in chosen or [] if label not in candidates]
         if unknown:
             raise InputError(f"Unknown system '{unknown[0]}' for base model '{model_ref}': choose "
@@ -195,7 +216,7 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         rows = services.evaluations.study_rows()
         return charts.study(rows), pd.DataFrame(rows, columns=STUDY_COLUMNS).round(3)
 
-    start.click(do_start, inputs=[keys, dataset, n_items, seed, run_name, model, pipeline,
+    start.click(do_start, inputs=[keys, served, dataset, n_items, seed, run_name, model, pipeline,
                                   max_new_tokens, systems, judge_kind, judge_model, judge_url,
                                   judge_key, metrics, method, repeats, samples, reasoning,
                                   custom_name, custom_criteria, custom_steps],
@@ -217,19 +238,27 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
     example.change(lambda name: queries.get(name, ""), inputs=example, outputs=sql,
                    api_name=False)
     study_btn.click(study, outputs=[study_chart, study_table], api_name="study_view")
-    def refresh_systems(model_ref):
-        return gr.update(choices=list(candidate_systems(services, model_ref)))
+    def refresh_systems(model_ref, served_by_label):
+        return gr.update(choices=list(candidate_systems(services, model_ref, served_by_label)))
 
-    model.blur(refresh_systems, inputs=model, outputs=systems, api_name=False)
+    @user_errors
+    def do_list(ring: KeyRing, base_url, api_key):
+        table, names, ring = listing(ring, base_url, api_key)
+        return table, served_systems(names, base_url), ring
+
+    model.blur(refresh_systems, inputs=[model, served], outputs=systems, api_name=False)
+    list_models.click(do_list, inputs=[keys, server_url, server_key],
+                      outputs=[served_table, served, keys], api_name="list_eval_server_models").then(
+        refresh_systems, inputs=[model, served], outputs=systems, api_name=False)
     for dd in (run_a, run_b):
         dd.focus(lambda: gr.update(choices=runs_choices(services)), outputs=dd, api_name=False)
 
-    def show(model_ref, run_id):
+    def show(model_ref, served_by_label, run_id):
         runs = runs_choices(services)
         return (gr.update(choices=services.datasets.ids()),
-                gr.update(choices=services.indexes.names()), refresh_systems(model_ref),
+                gr.update(choices=services.indexes.names()), refresh_systems(model_ref, served_by_label),
                 follow_job(services.jobs, KIND, run_id, choices=runs), gr.update(choices=runs),
                 gr.update(choices=runs))
 
-    on_show(page, tab, show, inputs=[model, run],
+    on_show(page, tab, show, inputs=[model, served, run],
             outputs=[dataset, pipeline, systems, run, run_a, run_b])
