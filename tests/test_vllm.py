@@ -188,3 +188,51 @@ def test_compare_sends_each_served_adapters_name(monkeypatch):
     port = server.url.split(":")[2].split("/")[0]
     assert systems[1].label == f"qa-200 @ 127.0.0.1:{port} · no RAG"
     assert System("local", "base-lm", "qa-200").label == "qa-200 · no RAG"
+
+
+@pytest.fixture(scope="module")
+def app():
+    """The app's own Blocks and wiring in this process (no model is loaded: no warm-up, and only
+    served systems and an OpenAI-compatible judge are used), for gradio_client."""
+    from gradio_client import Client
+
+    from app import build_app
+    from jobs.services import build_services
+
+    services = build_services(warm_up=False)
+    demo = build_app(services).queue()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                quiet=True)
+    try:
+        yield services, lambda: Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def test_the_app_lists_a_servers_adapters_and_uses_each_as_a_system(app, monkeypatch):
+    services, client = app
+    monkeypatch.setenv("OPENAI_API_KEY", CANARY)  # read per request: never for a typed URL
+    with key_recording_server(reply="3", key=VISITOR, models=VLLM_MODELS) as server:
+        alice = client()
+        table = alice.predict(server.url, VISITOR, api_name="/list_server_models")
+        assert table["data"] == [["base-lm", "base model", ""], ["qa-200", "adapter", "base-lm"],
+                                 ["qa-1000", "adapter", "base-lm"]]
+        out = alice.predict("Who wrote Frankenstein?", "smollm2-135m-instruct", None, server.url,
+                            "", "", 8, 0.0, 1.0, 0, "served: qa-200", False, "served: qa-1000",
+                            False, *["(off)", False] * 4, api_name="/compare")
+        assert [out[1]["value"], out[2]["value"]] == ["3", "3"]
+        assert server.asked == ["qa-200", "qa-1000"] or server.asked == ["qa-1000", "qa-200"]
+
+        table = alice.predict(server.url, "", api_name="/list_eval_server_models")  # key kept
+        port = server.url.split(":")[2].split("/")[0]
+        status, run = alice.predict(
+            "sample:nq", 1, 0, "", "smollm2-135m-instruct", None, 8,
+            [f"qa-200 @ 127.0.0.1:{port} · no RAG", f"base-lm @ 127.0.0.1:{port} · no RAG"],
+            "openai", "judge-lm", server.url, "", ["accuracy"], "logprobs", 1, 1, False, "", "",
+            "", api_name="/start_eval")
+        assert services.runner.wait(run["value"], timeout=300).status == "done"
+        asked = server.asked[2:]
+        assert asked.count("qa-200") == asked.count("base-lm") == 1 and "judge-lm" in asked
+        assert {"qa-200", "base-lm"} == {row["system"].split(" @ ")[0]
+                                         for row in services.evaluations.summary(run["value"])}
+    assert set(server.auth) == {f"Bearer {VISITOR}"}  # never the operator's key
