@@ -8,7 +8,8 @@ import gradio as gr
 
 from core import config
 from jobs.services import Services, build_services
-from ui import compare_tab, data_tab, evaluate_tab, finetune_tab, jobs_panel, rag_tab
+from ui import (compare_tab, data_tab, evaluate_tab, finetune_tab, jobs_panel, rag_tab,
+                study_tab)
 from ui.keys import keyring
 
 TITLE = "Fine-tune or RAG? A lab for 'Fine-Tuning or Fine-Failing?'"
@@ -44,6 +45,8 @@ def build_app(services: Services) -> gr.Blocks:
             compare_tab.build(services, keys, demo, tab)
         with gr.Tab("Evaluate") as tab:
             evaluate_tab.build(services, keys, demo, tab)
+        with gr.Tab("Study") as tab:
+            study_tab.build(services, demo, tab)
         with gr.Tab("Jobs") as tab:
             jobs_panel.build(services, demo, tab)
     return demo

@@ -16,6 +16,7 @@ memory for that run only, never in the job's record, and dropped when it ends.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -125,11 +126,15 @@ ArgvFn = Callable[[dict[str, Any], bool], list[str]]
 @dataclass
 class JobKind:
     """How to run one kind of job: exactly one of `thread` or `argv` is set. `on_done(job_id,
-    result)` runs in the app process after success (a subprocess job's records go in there)."""
+    result)` runs in the app process after success (a subprocess job's records go in there).
+    `slot=False`: a thread job that only starts other jobs and waits for them (a study) runs
+    beside the concurrency limit instead of inside it; holding a slot while it waits for jobs
+    that need one would deadlock as soon as such jobs filled every slot."""
 
     thread: ThreadFn | None = None
     argv: ArgvFn | None = None
     on_done: Callable[[str, dict[str, Any]], None] | None = None
+    slot: bool = True
 
 
 class JobRunner:
@@ -243,7 +248,7 @@ class JobRunner:
     def _run_once(self, job_id: str, kind: JobKind, spec: dict[str, Any], resume: bool,
                   secrets: dict[str, Secret]) -> None:
         cancel = self._cancel[job_id]
-        with self._slots:
+        with self._slots if kind.slot else contextlib.nullcontext():
             if cancel.is_set():
                 self._finish(job_id, "cancelled", message="cancelled before it started")
                 logger.info("job %s cancelled before it started", job_id)

@@ -49,10 +49,10 @@ def build_services(warm_up: bool = True, store: Store | None = None) -> Services
     store = store or get_store()
     hub = get_hub()
     runner = JobRunner(store, kinds={}, max_concurrent=MAX_CONCURRENT_JOBS)
-    # Public mode: at most MAX_RUNNING_JOBS visitor jobs, one fine-tune per visitor session, and
-    # a visitor cancels or resumes only their own jobs.
+    # Public mode: at most MAX_RUNNING_JOBS visitor jobs, one fine-tune and one study per visitor
+    # session, and a visitor cancels or resumes only their own jobs.
     jobs = JobDesk(runner, config.MAX_RUNNING_JOBS,
-                   frozenset({FINETUNE_KIND}) if config.PUBLIC_MODE else frozenset(),
+                   frozenset({FINETUNE_KIND, STUDY_KIND}) if config.PUBLIC_MODE else frozenset(),
                    owners_only=config.PUBLIC_MODE)
     datasets = DatasetCatalog(store)
     adapters = AdapterCatalog(store, hub, jobs, split_of=datasets.split)
@@ -66,7 +66,8 @@ def build_services(warm_up: bool = True, store: Store | None = None) -> Services
     runner.register(INDEX_KIND, JobKind(thread=indexes.run_job))
     runner.register(FINETUNE_KIND, JobKind(argv=finetune.finetune_argv, on_done=adapters.record))
     runner.register(evaluate.KIND, JobKind(thread=evaluate.evaluation_job(resources)))
-    runner.register(STUDY_KIND, JobKind(thread=studies.run_job))
+    # A study only starts its steps' jobs and waits for them: it takes no slot of its own.
+    runner.register(STUDY_KIND, JobKind(thread=studies.run_job, slot=False))
     adapters.sync()
     if warm_up:
         runner.start("prepare", {"model": config.DEFAULT_CHAT_MODEL})

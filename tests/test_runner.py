@@ -202,6 +202,27 @@ def test_jobs_queue_behind_the_concurrency_limit(store, gates):
     assert runner.wait(second, timeout=30).status == "done"
 
 
+def test_jobs_that_wait_for_jobs_take_no_slot_so_they_cannot_deadlock(store, gates):
+    """Two coordinators (like studies) each start a job and wait for it, with ONE slot: had they
+    held it, neither child could ever run."""
+    def coordinate(ctx):
+        child = runner.start("count", {"n": 2})
+        return {"child": runner.wait(child).status}
+
+    runner = JobRunner(store, {**KINDS, "coord": JobKind(thread=coordinate, slot=False)},
+                       max_concurrent=1)
+    count = gates("count").arm()
+    blocker = runner.start("count", {"n": 1, "gate_at": 0})  # holds the only slot for now
+    count.wait_reached()
+    coordinators = [runner.start("coord", {}), runner.start("coord", {})]
+    assert wait_for(lambda: all(store.get_job(c).status == "running" for c in coordinators))
+    count.release()
+    assert runner.wait(blocker, timeout=30).status == "done"
+    for coordinator in coordinators:
+        job = runner.wait(coordinator, timeout=30)
+        assert (job.status, job.result) == ("done", {"child": "done"})
+
+
 # ---------------------------------------------------------------- subprocess jobs
 
 CHILD = """

@@ -7,7 +7,6 @@ and `resume` need the database to themselves: stop the app first.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from core.schema import InputError
 from core.spec_cli import add_spec_arguments, spec_overrides
 from core.store import StoreLockedError
-from jobs.study.spec import StudySpec, StudySpecError
+from jobs.study.spec import StudySpec, StudySpecError, parse_spec
 
 ACTIONS = {"plan": "show the steps, what is already done, counts and a time estimate",
            "run": "start the study (steps already done are skipped) and print its report",
@@ -25,22 +24,11 @@ NOT_FLAGS = ("pipelines", "evaluation.decoding")  # objects: set them in the SPE
 
 
 def read_spec_file(path: str) -> dict[str, Any]:
-    """The object in a .json, .yaml or .yml file (PyYAML comes with huggingface_hub)."""
+    """The object in a .json, .yaml or .yml file."""
     file = Path(path)
     if not file.is_file():
         raise StudySpecError(f"No study spec file at {path}.")
-    text = file.read_text(encoding="utf-8")
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise StudySpecError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StudySpecError(f"{path} is not valid JSON: {exc}") from exc
+    return parse_spec(file.read_text(encoding="utf-8"), path, file.suffix in (".yaml", ".yml"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,8 +47,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> StudySpec:
     data = read_spec_file(args.spec_file)
-    if not isinstance(data, dict):
-        raise StudySpecError(f"{args.spec_file} must hold one object (the study spec).")
     return StudySpec.from_dict(spec_overrides(args, StudySpec, data))
 
 

@@ -13,8 +13,10 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import config
 from core.datasets import QADataset, load_preset
-from core.schema import InputError
+from core.model_files import check_allowed
+from core.schema import DEFAULT_SPLIT, InputError
 from core.records import JobRecord
 from core.store import Store
 from jobs.adapters import AdapterCatalog
@@ -32,6 +34,7 @@ from pipelines.spec import index_dir, list_specs
 # Rates used until this machine has measured its own (embedded 135M model on 2 CPU cores).
 DEFAULT_SECONDS = {"index": 0.02, "finetune": 0.5, "evaluate": 1.0}
 UNIT = {"index": "passage", "finetune": "example x epoch", "evaluate": "answer or judgment"}
+NOUNS = {"index": "index builds", "finetune": "fine-tunes", "evaluate": "evaluations"}
 
 
 @dataclass
@@ -66,6 +69,7 @@ class StudyPlan:
     items: dict[str, list[str]]  # dataset id -> the eval item ids every system answers
     counts: dict[str, int]  # fine-tunes, answers, judgments still to do
     seconds: float  # rough time for the steps still to do
+    unmeasured: tuple[str, ...] = ()  # step kinds to do whose rate this machine has not measured
 
     def describe(self) -> str:
         """The plan as lines a person reads before starting it."""
@@ -73,14 +77,25 @@ class StudyPlan:
                  f"{sum(s.done for s in self.steps)} already done"]
         lines += [f"  [{'done' if s.done else 'todo'}] {s.kind:<8} {s.label}" for s in self.steps]
         lines.append(f"to do: {self.counts['finetunes']} fine-tune(s), {self.counts['answers']} "
-                     f"answers, {self.counts['judgments']} judgments; about "
-                     f"{self.seconds / 60:.0f} min at this machine's rates")
+                     f"answers, {self.counts['judgments']} judgments; {self.estimate()}")
         return "\n".join(lines)
+
+    def estimate(self) -> str:
+        """The time to expect, only where this machine measured the rate of every kind of step
+        still to do; else which rates are missing (a default rate would be a guess)."""
+        if not self.unmeasured:
+            return f"about {self.seconds / 60:.0f} min at this machine's rates"
+        missing = ", ".join(NOUNS[kind] for kind in self.unmeasured)
+        return (f"no time estimate yet: this machine has not measured its rate for {missing} "
+                "(it does with the first of each that finishes)")
 
 
 def plan_study(spec: StudySpec, res: StudyResources) -> StudyPlan:
     """The steps of `spec` in order, each marked done when what it makes already exists; a
     StudySpecError (one sentence) for what would fail or void the comparison."""
+    judge = spec.evaluation.judge
+    for model in [*spec.base_models, *([judge.model] if judge.kind == "local" else [])]:
+        check_allowed(model)  # public mode: refused now, not in a step's job minutes later
     res.adapters.sync()  # adapters finished while no app was watching count as done
     steps: list[Step] = []
     items: dict[str, list[str]] = {}
@@ -97,13 +112,20 @@ def plan_study(spec: StudySpec, res: StudyResources) -> StudyPlan:
             items[dataset_id] = _check_items(res, evaluation,
                                              {step.key: trained for step, trained in cells})
             steps.append(_eval_step(res, evaluation, model, cells, len(items[dataset_id])))
-    return StudyPlan(spec, steps, items, _counts(steps), _seconds(res, steps))
+    seconds, unmeasured = _seconds(res, steps)
+    return StudyPlan(spec, steps, items, _counts(steps), seconds, unmeasured)
 
 
 def _dataset(res: StudyResources, spec: StudySpec, dataset_id: str) -> QADataset:
     """The dataset, recorded with the study's split; refused if it is recorded with another
     (its adapters and runs use that one: moving examples between splits would void them)."""
     recorded = res.store.dataset_split(dataset_id)
+    if recorded is None and config.PUBLIC_MODE and spec.split != DEFAULT_SPLIT:
+        # Planning records the split for everyone: a visitor may not pin another one.
+        raise StudySpecError(
+            f"On this public server {dataset_id} uses split seed {DEFAULT_SPLIT.seed} and eval "
+            f"fraction {DEFAULT_SPLIT.eval_fraction:g}; set the study's split_seed and "
+            "eval_fraction to those values.")
     if recorded is not None and recorded != spec.split:
         raise StudySpecError(
             f"{dataset_id} is recorded with split seed {recorded.seed} and eval fraction "
@@ -205,6 +227,16 @@ def latest_job(res: StudyResources, kind: str, key: str) -> JobRecord | None:
                  if job_key(kind, job.spec or {}) == key), None)
 
 
+def step_jobs(res: StudyResources, steps: list[Step]) -> dict[str, JobRecord]:
+    """latest_job of every step at once (one read per kind), by step key; a step no job made
+    (not started yet, or found made, like an imported adapter) is absent."""
+    newest: dict[tuple[str, str | None], JobRecord] = {}
+    for kind in dict.fromkeys(s.kind for s in steps):
+        for job in res.jobs.runner.jobs(kind, limit=10_000):  # newest first: the first one wins
+            newest.setdefault((kind, job_key(kind, job.spec or {})), job)
+    return {s.key: newest[(s.kind, s.key)] for s in steps if (s.kind, s.key) in newest}
+
+
 def _counts(steps: list[Step]) -> dict[str, int]:
     todo = [s for s in steps if not s.done]
     evals = [s for s in todo if s.kind == EVAL_KIND]
@@ -214,11 +246,15 @@ def _counts(steps: list[Step]) -> dict[str, int]:
             "indexes": sum(s.kind == INDEX_KIND for s in todo)}
 
 
-def _seconds(res: StudyResources, steps: list[Step]) -> float:
+def _seconds(res: StudyResources, steps: list[Step]) -> tuple[float, tuple[str, ...]]:
     """Rough seconds for the steps to do: work units times the rate this machine measured in its
-    newest finished jobs of each kind (DEFAULT_SECONDS until it has some)."""
-    rates = {kind: _measured_rate(res, kind) or DEFAULT_SECONDS[kind] for kind in DEFAULT_SECONDS}
-    return sum(s.units * rates[s.kind] for s in steps if not s.done)
+    newest finished jobs of each kind (DEFAULT_SECONDS until it has some); and the kinds to do
+    whose rate is such a default."""
+    todo = [s for s in steps if not s.done]
+    measured = {kind: _measured_rate(res, kind) for kind in dict.fromkeys(s.kind for s in todo)}
+    rates = {kind: rate or DEFAULT_SECONDS[kind] for kind, rate in measured.items()}
+    return (sum(s.units * rates[s.kind] for s in todo),
+            tuple(kind for kind, rate in measured.items() if rate is None))
 
 
 def _measured_rate(res: StudyResources, kind: str) -> float | None:

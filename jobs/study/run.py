@@ -11,16 +11,18 @@ evaluation from its stored answers and judgments) and joins one still running.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+from core import config
 from core.records import JobRecord
 from core.testhooks import gate
 from jobs.evaluate import EvalSpec
 from jobs.finetune_data import FinetuneSpec
 from jobs.runner import TERMINAL, JobCancelled, JobContext, JobError
-from jobs.study.plan import StudyPlan, StudyResources, Step, latest_job, plan_study
+from jobs.study.plan import StudyPlan, StudyResources, Step, latest_job, plan_study, step_jobs
 from jobs.study.report import markdown, report_rows
-from jobs.study.spec import KIND, StudySpec, StudySpecError
+from jobs.study.spec import KIND, StudySpec, StudySpecError, content_key
 from pipelines.spec import PipelineSpec
 
 logger = logging.getLogger(__name__)
@@ -58,13 +60,38 @@ class Studies:
         self.plan(spec)
         return self.res.jobs.resume(stopped.id, visitor)
 
-    def rows(self, spec: StudySpec) -> list[dict[str, Any]]:
-        return report_rows(self.res, self.plan(spec))
+    def cancel(self, job_id: str, visitor: str | None = None) -> None:
+        """Stop a study job: its running step's job is cancelled with it, what it made is kept."""
+        self.job(job_id)
+        self.res.jobs.cancel(job_id, visitor)
+
+    def job(self, job_id: str) -> tuple[JobRecord, StudySpec]:
+        """A study job (its id checked; JobError for an unknown one or another kind) and its spec."""
+        job = self.res.jobs.get(job_id)
+        if job.kind != KIND:
+            raise JobError(f"Job {job.id} is not a study job (its kind is {job.kind}).")
+        return job, StudySpec.from_dict(job.spec)
+
+    def step_jobs(self, plan: StudyPlan) -> dict[str, JobRecord]:
+        """The newest job of each step (by step key) that made or is making it."""
+        return step_jobs(self.res, plan.steps)
+
+    def rows(self, spec: StudySpec, plan: StudyPlan | None = None) -> list[dict[str, Any]]:
+        """report_rows of the study (`plan`: one just made for `spec`, not made again)."""
+        return report_rows(self.res, plan or self.plan(spec))
 
     def report(self, spec: StudySpec) -> str:
         """The study's results and verdicts as Markdown."""
         plan = self.plan(spec)
         return markdown(plan, report_rows(self.res, plan))
+
+    def export(self, spec: StudySpec) -> Path:
+        """The report as a file in the data dir's exports, named by the study and its content
+        (two visitors' specs never share a file). Markdown today: the one place a richer export
+        (HTML with the charts as images) plugs in."""
+        path = config.subdir("exports") / f"study-{spec.name}-{content_key(spec.to_dict())}.md"
+        path.write_text(self.report(spec), encoding="utf-8")
+        return path
 
     def run_job(self, ctx: JobContext) -> dict[str, Any]:
         """The runner's entry point for kind "study"."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model, model_validator
@@ -29,6 +30,7 @@ from jobs.finetune_data import FinetuneSpec
 from pipelines.spec import PipelineSpec
 
 KIND = "study"
+SPECS_DIR = config.REPO_DIR / "studies"
 SystemChoice = Literal["base", "base+rag", "finetuned", "finetuned+rag"]
 SYSTEM_CHOICES: tuple[str, ...] = ("base", "base+rag", "finetuned", "finetuned+rag")
 StudyName = name_of("Study name")
@@ -174,6 +176,37 @@ class StudySpec(Spec):
         values = {**self.evaluation.to_dict(), "dataset_id": dataset_id, "systems": systems,
                   "pipeline": pipeline, "name": f"{self.name} · {dataset_id} · {model}"}
         return _compose(EvalSpec, values, f"evaluation of {model} on {dataset_id}")
+
+
+def shipped_specs() -> dict[str, Path]:
+    """The specs shipped in studies/ by name (the file's stem): cpu-mini, paper, ..."""
+    return {path.stem: path for path in sorted(SPECS_DIR.glob("*.json"))}
+
+
+def shipped_spec_text(name: str) -> str:
+    """A shipped spec's JSON text; "" for a name that is not one (never a path)."""
+    path = shipped_specs().get(name)
+    return path.read_text(encoding="utf-8") if path else ""
+
+
+def parse_spec(text: str, where: str, yaml_text: bool = False) -> dict[str, Any]:
+    """The spec object in JSON (or YAML) text: a StudySpecError naming `where` (a file, "the
+    spec") when the text is not one object. Build the StudySpec with StudySpec.from_dict."""
+    if yaml_text:
+        import yaml  # PyYAML comes with huggingface_hub
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise StudySpecError(f"{where} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StudySpecError(f"{where} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StudySpecError(f"{where} must hold one object (the study spec).")
+    return data
 
 
 def eval_key(spec: EvalSpec) -> str:
