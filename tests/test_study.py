@@ -1,20 +1,15 @@
 """The study as one job: the spec's refusals, the plan's steps, reuse of what exists and the
-pre-flight refusals (no model); then one tiny study on the 135M model run end to end through the
-CLI, whose report equals a SQL recomputation from the judgments table."""
+pre-flight refusals (no model). The tiny spec here (TINY) is the one study the suite runs end to
+end on the 135M model, once, through the app and the CLI: tests/test_study_app.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from core.model_files import SMOLLM2
 from core.schema import SplitSetting
-from core.store import Store
-from core.systems import BASE
 from jobs.finetune import adapter_dir
 from jobs.services import build_services
 from jobs.study import StudySpec, StudySpecError
@@ -225,68 +220,3 @@ def test_the_shipped_cpu_mini_spec_is_valid_and_fits_the_samples(services):
     plan = services.studies.plan(spec)
     assert spec.base_models == [SMOLLM2] and len(spec.datasets) == 3
     assert plan.counts["finetunes"] == 6 and spec.evaluation.method == "logprobs"
-
-
-# ---------------------------------------------------------------- a tiny study, end to end
-
-
-def _cli(data_dir: Path, *args: str, **env: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.study", *args], {**os.environ, "DATA_DIR": str(data_dir), **env}
-
-
-def _run_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    argv, env = _cli(data_dir, *args)
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-
-
-@pytest.mark.integration
-def test_a_tiny_study_runs_through_the_cli_and_its_report_equals_sql(tmp_path, monkeypatch):
-    """Run through the CLI, killed (-9) where its evaluation would start, resumed: the index and
-    the adapters are reused, not redone; then the report's numbers equal SQL on the judgments."""
-    data, gates = tmp_path / "data", tmp_path / "gates"
-    spec_file = tmp_path / "tiny.json"
-    spec_file.write_text(json.dumps(TINY))
-    gate = Gate(gates, "study-evaluate").arm()
-    argv, env = _cli(data, "run", str(spec_file), LAB_TEST_GATE_DIR=str(gates))
-    with subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL) as first:
-        gate.wait_reached(timeout=900, alive=lambda: first.poll() is None)
-        first.kill()
-        first.wait()
-    resumed = _run_cli(data, "resume", str(spec_file))
-    assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-2000:]
-    text = resumed.stdout[resumed.stdout.index("# Study: tiny"):]  # the report, printed at the end
-    assert "## sample:nq · smollm2-135m-instruct" in text and "Verdict:" in text
-
-    monkeypatch.setenv("DATA_DIR", str(data))
-    services = build_services(warm_up=False)
-    again = services.studies.plan(StudySpec.from_dict(TINY))  # everything exists: nothing to redo
-    assert all(step.done for step in again.steps) and again.counts["finetunes"] == 0
-    rows = services.studies.rows(StudySpec.from_dict(TINY))
-    store: Store = services.store
-    [run_id] = {r["run_id"] for r in rows}
-    jobs = {kind: [(j.status, j.attempts) for j in services.runner.jobs(kind)]
-            for kind in ("study", "index", "finetune", "evaluate")}
-    assert jobs == {"study": [("done", 2)], "index": [("done", 1)],
-                    "finetune": [("done", 1), ("done", 1)], "evaluate": [("done", 1)]}
-    keys = store.query("SELECT count(*) AS n, count(DISTINCT (example_id, system_id, metric, "
-                       "repeat)) AS keys FROM judgments WHERE run_id = ?", [run_id])[0]
-    assert keys == {"n": 24, "keys": 24}  # 2 items x 6 systems x 2 metrics, one repeat
-    # the report's means, recomputed from the judgments table: per item over repeats, then items
-    sql = {(r["system_id"], r["metric"]): (r["mean"], r["n"]) for r in store.query(
-        "SELECT system_id, metric, avg(item) AS mean, count(*) AS n FROM (SELECT system_id, metric,"
-        " example_id, avg(score) AS item FROM judgments WHERE run_id = ? AND score IS NOT NULL "
-        "GROUP BY ALL) GROUP BY ALL", [run_id])}
-    systems = {(s["adapter"], s["rag"]): s["id"] for s in store.get_eval_run(run_id).spec["systems"]}
-    assert len(rows) == len(sql) == 12  # 6 systems x 2 metrics
-    for row in rows:
-        mean, n = sql[(systems[(row["adapter"] or BASE, row["rag"])], row["metric"])]
-        assert row["mean"] == pytest.approx(mean) and row["n"] == n
-        assert f"{row['mean']:.2f}" in text
-        if row["system"] == "fine-tuned":
-            base = next(r for r in rows if r["system"] == "base" and r["rag"] == row["rag"]
-                        and r["metric"] == row["metric"])
-            assert row["base_mean"] == base["mean"] and row["verdict"] in text
-            if row["n_paired"] == row["n"] == base["n"]:  # every item scored on both sides
-                assert row["diff"] == pytest.approx(row["mean"] - base["mean"])
-    assert {r["size"] for r in rows} == {0, 4, 8}

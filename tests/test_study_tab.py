@@ -112,10 +112,11 @@ def test_the_spec_box_refuses_bad_specs_with_one_sentence(text, message):
         spec_of(text)
 
 
-def test_a_study_takes_no_job_slot_so_its_steps_run(services, tmp_path, monkeypatch):
+def test_a_study_takes_no_job_slot_so_its_steps_run(tmp_path, monkeypatch):
     """With ONE slot for all jobs, the study's first step (its index) still runs: the study
     waits at its next step (a test gate), which it reaches only after the index job finished.
     Had the study held the slot while waiting for the index job, neither could go on."""
+    monkeypatch.setenv("DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("LAB_TEST_GATE_DIR", str(tmp_path / "gates"))
     monkeypatch.setattr("jobs.services.MAX_CONCURRENT_JOBS", 1)
     services = build_services(warm_up=False)
