@@ -79,16 +79,16 @@ def test_plan_start_watch_and_cancel_a_study(page, gates):
     editor.fill(json.dumps(TINY))
     page.get_by_role("button", name="Plan", exact=True).click()
     page.get_by_text("4 steps (0 already done)").wait_for(timeout=60_000)
-    assert page.get_by_role("cell", name="to do").count() >= 6  # 2 cells x 3 steps
+    assert page.get_by_role("gridcell", name="to do").count() == 6  # 2 cells x 3 steps
     index = Gate(gates, "study-index").arm()
     page.get_by_role("button", name="Start study", exact=True).click()
     index.wait_reached(timeout=60)
     page.get_by_text("step 1/4: index sample:nq").wait_for(timeout=30_000)
-    page.get_by_role("cell", name="queued").first.wait_for(timeout=30_000)
-    assert page.get_by_role("cell", name="queued").count() == 6  # nothing has started yet
+    page.get_by_role("gridcell", name="queued").first.wait_for(timeout=30_000)
+    assert page.get_by_role("gridcell", name="queued").count() == 6  # nothing has started yet
     assert page.locator(".vega-embed").count() >= 1  # the figure (empty until a run finishes)
     page.get_by_role("button", name="Cancel", exact=True).click()
     page.get_by_text("Cancel requested").wait_for(timeout=30_000)
     index.release()
     page.get_by_text("cancelled").first.wait_for(timeout=60_000)
-    page.get_by_role("cell", name="not run").first.wait_for(timeout=30_000)
+    page.get_by_role("gridcell", name="not run").first.wait_for(timeout=30_000)

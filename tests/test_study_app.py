@@ -59,6 +59,8 @@ def test_a_tiny_study_through_the_app_and_the_cli(tmp_path):
     evaluate = Gate(gates, "study-evaluate").arm()
     with running_app(data, env={GATE_ENV: str(gates)}) as url:
         client = Client(url, verbose=False)
+        shipped = client.predict("cpu-mini", api_name="/study_spec")
+        assert json.loads(shipped) == json.loads((REPO / "studies" / "cpu-mini.json").read_text())
         plan, grid, _, _ = client.predict(SPEC, api_name="/study_plan")
         assert "4 steps (0 already done)" in plan and "12 answers, 24 judgments" in plan
         assert [(r["pairs"], r["fine-tune"], r["evaluation"]) for r in records(grid)] == [

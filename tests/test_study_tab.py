@@ -148,3 +148,15 @@ def test_a_job_that_is_not_a_study_is_refused_by_the_study_endpoints(services):
     with pytest.raises(JobError, match=rf"^Job {other} is not a study job \(its kind is "
                                        r"evaluate\)\.$"):
         services.studies.cancel(other)
+
+
+def test_every_study_action_is_a_named_endpoint_with_named_parameters(services):
+    from app import build_app
+
+    endpoints = build_app(services).get_api_info()["named_endpoints"]
+    parameters = {name: [p["parameter_name"] for p in endpoints[name]["parameters"]]
+                  for name in endpoints if "stud" in name and name != "/study_view"}
+    assert parameters == {"/study_spec": ["name"], "/study_plan": ["spec_json"],
+                          "/start_study": ["spec_json"], "/study_status": ["job_id"],
+                          "/cancel_study": ["job_id"], "/resume_study": ["spec_json"],
+                          "/study_report": ["spec_json"]}
