@@ -169,7 +169,7 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
         plan = studies.plan(spec)
         rows = studies.rows(spec, plan)
         return (plan_markdown(plan), grid_frame(plan, studies.step_jobs(plan), None),
-                charts.study(figure_rows(spec, rows)), verdict_frame(rows))
+                charts.study(figure_rows(spec, rows)), verdict_frame(rows), "")
 
     @user_errors
     def do_start(spec_json, request: gr.Request):
@@ -202,10 +202,12 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
         except ValueError as exc:  # not a study, or a spec this store now refuses: said inline
             return f"{text}\n\n{exc}", *unchanged, seen
         cells = grid_frame(plan, studies.step_jobs(plan), job)
-        rows = studies.rows(spec, plan)
-        drawn = json.dumps([jid, cells.to_dict("records"), rows], default=str)
+        # The figure changes only as an evaluation's cell moves (its progress, then done): the
+        # statistics are computed again then, not on every tick.
+        drawn = json.dumps([jid, job.status, cells.to_dict("records")], default=str)
         if drawn == seen:
             return text, *unchanged, seen
+        rows = studies.rows(spec, plan)
         return text, cells, charts.study(figure_rows(spec, rows)), verdict_frame(rows), drawn
 
     @user_errors
@@ -215,15 +217,16 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     def show_shipped(name):
         return shipped_spec_text(name) if name else gr.skip()
 
+    # What the grid, figure and verdicts show now (poll); a plan draws them too, so it resets it.
+    seen = gr.State("")
     pick.change(show_shipped, inputs=pick, outputs=spec_box, api_name="study_spec")
-    plan_btn.click(do_plan, inputs=spec_box, outputs=[plan_md, grid, chart, verdicts],
+    plan_btn.click(do_plan, inputs=spec_box, outputs=[plan_md, grid, chart, verdicts, seen],
                    api_name="study_plan")
     start.click(do_start, inputs=spec_box, outputs=[job_box, status_md], api_name="start_study",
                 **START_JOB)
     resume.click(do_resume, inputs=spec_box, outputs=[job_box, status_md], api_name="resume_study",
                  **START_JOB)
     cancel.click(do_cancel, inputs=job_box, outputs=status_md, api_name="cancel_study")
-    seen = gr.State("")  # what the grid, figure and verdicts show now (poll)
     watched = [status_md, grid, chart, verdicts, seen]
     job_box.change(poll, inputs=[job_box, seen], outputs=watched, api_name="study_status")
     gr.Timer(3.0).tick(poll, inputs=[job_box, seen], outputs=watched, api_name=False,
