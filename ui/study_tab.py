@@ -186,27 +186,31 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
         studies.cancel((job_id or "").strip(), visitor(request))
         return "Cancel requested: the running step stops; what the study made is kept."
 
-    def poll(job_id, seen):
-        """The study job's status line, grid, figure and verdicts; the last three only when
-        they changed since this page last drew them (`seen`), so the timer does not redraw."""
+    def watch(job_id: str, seen: str | None):
+        """The study job's status line, grid, figure and verdicts, and what they show. The
+        timer passes `seen` (what this page shows now) and gets the last three only when they
+        changed, so it does not redraw them; None (the API) gets them always."""
         jid = (job_id or "").strip()
-        unchanged = (gr.skip(),) * 3
+        unchanged = (gr.skip(),) * 3 if seen is not None else (
+            pd.DataFrame(columns=GRID_COLUMNS), charts.study([]),
+            pd.DataFrame(columns=VERDICT_COLUMNS))
+        keep = seen or ""  # what the page shows: the skipped outputs, or nothing drawn yet
         if not jid:
-            return "", *unchanged, seen
+            return "", *unchanged, keep
         job, text = job_status(services.jobs, jid)
         if job is None:
-            return text, *unchanged, seen
+            return text, *unchanged, keep
         try:
             _, spec = studies.job(jid)
             plan = studies.plan(spec)
         except ValueError as exc:  # not a study, or a spec this store now refuses: said inline
-            return f"{text}\n\n{exc}", *unchanged, seen
+            return f"{text}\n\n{exc}", *unchanged, keep
         cells = grid_frame(plan, studies.step_jobs(plan), job)
         # The figure changes only as an evaluation's cell moves (its progress, then done): the
         # statistics are computed again then, not on every tick.
         drawn = json.dumps([jid, job.status, cells.to_dict("records")], default=str)
         if drawn == seen:
-            return text, *unchanged, seen
+            return text, *unchanged, keep
         rows = studies.rows(spec, plan)
         return text, cells, charts.study(figure_rows(spec, rows)), verdict_frame(rows), drawn
 
@@ -217,7 +221,7 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     def show_shipped(name):
         return shipped_spec_text(name) if name else gr.skip()
 
-    # What the grid, figure and verdicts show now (poll); a plan draws them too, so it resets it.
+    # What the grid, figure and verdicts show now (watch); a plan draws them too, so it resets it.
     seen = gr.State("")
     pick.change(show_shipped, inputs=pick, outputs=spec_box, api_name="study_spec")
     plan_btn.click(do_plan, inputs=spec_box, outputs=[plan_md, grid, chart, verdicts, seen],
@@ -228,8 +232,11 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
                  **START_JOB)
     cancel.click(do_cancel, inputs=job_box, outputs=status_md, api_name="cancel_study")
     watched = [status_md, grid, chart, verdicts, seen]
-    job_box.change(poll, inputs=[job_box, seen], outputs=watched, api_name="study_status")
-    gr.Timer(3.0).tick(poll, inputs=[job_box, seen], outputs=watched, api_name=False,
+    def study_status(job_id):
+        return watch(job_id, None)
+
+    job_box.change(study_status, inputs=job_box, outputs=watched, api_name="study_status")
+    gr.Timer(3.0).tick(watch, inputs=[job_box, seen], outputs=watched, api_name=False,
                        show_progress="hidden")
     report_btn.click(do_report, inputs=spec_box, outputs=report_file, api_name="study_report")
 

@@ -83,6 +83,8 @@ class StudyPlan:
     def estimate(self) -> str:
         """The time to expect, only where this machine measured the rate of every kind of step
         still to do; else which rates are missing (a default rate would be a guess)."""
+        if all(s.done for s in self.steps):
+            return "nothing left to do"
         if not self.unmeasured:
             return f"about {self.seconds / 60:.0f} min at this machine's rates"
         missing = ", ".join(NOUNS[kind] for kind in self.unmeasured)
