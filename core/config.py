@@ -52,6 +52,27 @@ def max_loaded_models(env: Mapping[str, str] = os.environ) -> int:
     return int(value)
 
 
+def batch_window_ms(env: Mapping[str, str] = os.environ) -> float:
+    """BATCH_WINDOW_MS, default 50: how long a request for an idle model waits for others to join
+    its batch (core/batcher.py); 0 turns merging off (each request is its own batch)."""
+    value = env.get("BATCH_WINDOW_MS", "").strip() or "50"
+    try:
+        window = float(value)
+    except ValueError:
+        window = -1.0
+    if not 0 <= window <= 10_000:
+        raise ValueError(f"BATCH_WINDOW_MS must be a number of milliseconds from 0 to 10000, not '{value}'.")
+    return window
+
+
+def batch_max_rows(env: Mapping[str, str] = os.environ) -> int:
+    """BATCH_MAX_ROWS, default 16: the most rows a merged batch takes (a larger request runs alone)."""
+    value = env.get("BATCH_MAX_ROWS", "").strip() or "16"
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"BATCH_MAX_ROWS must be a whole number of at least 1, not '{value}'.")
+    return int(value)
+
+
 def allowed_models(env: Mapping[str, str] = os.environ) -> tuple[str, ...]:
     """ALLOWED_MODELS: comma-separated model refs a visitor may load in public mode, besides the
     embedded aliases."""
@@ -75,6 +96,9 @@ PUBLIC_MODE = public_mode()
 MAX_LOADED_MODELS = max_loaded_models()
 ALLOWED_MODELS = allowed_models()
 MAX_RUNNING_JOBS = max_running_jobs()
+# Concurrent visitors' generations on one model share batches (core/batcher.py).
+BATCH_WINDOW_MS = batch_window_ms()
+BATCH_MAX_ROWS = batch_max_rows()
 ALLOW_OPERATOR_TOKEN_PUSH = allow_operator_token_push()
 # Inside a Hugging Face Space visitors can sign in with their own account (hub pushes).
 ON_SPACE = bool(os.environ.get("SPACE_ID"))

@@ -3,9 +3,12 @@ multi-adapter generation in one `generate` call, streaming, and next-token scori
 
 Concurrency design: every loaded model has one lock. generate, stream, score_tokens and
 load_adapter hold it for their whole model call, so a request always runs with exactly the adapters
-it named and an adapter is never attached while another request is mid-generation. Requests on the
-same model therefore run one after another; a caller that wants several answers at once passes them
-as rows of one batch (compare does), which costs about as much as one answer on CPU.
+it named and an adapter is never attached while another request is mid-generation. Model calls on
+the same model therefore run one after another. A caller that wants several answers at once passes
+them as rows of one batch (compare does), which costs about as much as one answer on CPU, and
+greedy generate/stream requests of different callers (visitors) are merged the same way: those that
+arrive within BATCH_WINDOW_MS of each other, or while a batch runs, share the next batch
+(core/batcher.py; each caller sees only its own rows, and a cancel drops only its own request).
 
 Memory cap: at most MAX_LOADED_MODELS base models stay loaded; loading one more evicts the least
 recently used (every call touches its model). A model mid-call holds its lock and is never evicted:
@@ -30,6 +33,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from core import config
+from core.batcher import Batcher
 from core.generation import GenerationStream, GenParams, Generation, Prompt, chat_text, encode, generate_batch
 from core.model_files import (AdapterError, ModelNotFoundError, ResolvedModel, UnsupportedModelError,
                               adapter_folder, adapter_name, check_allowed, check_fits, fingerprint,
@@ -130,8 +134,13 @@ def _attach(entry: LoadedModel, folder: Path, name: str) -> None:
 class ModelHub:
     """One copy of each base model per process, shared by all threads (see module docstring)."""
 
-    def __init__(self, max_loaded: int | None = None) -> None:
+    def __init__(self, max_loaded: int | None = None, batch_window_ms: float | None = None,
+                 batch_max_rows: int | None = None) -> None:
         self._max_loaded = max_loaded or config.MAX_LOADED_MODELS
+        window = config.BATCH_WINDOW_MS if batch_window_ms is None else batch_window_ms
+        self._batch_window_s = window / 1000  # 0: every request is its own batch
+        self._batch_max_rows = batch_max_rows or config.BATCH_MAX_ROWS
+        self._batchers: dict[str, Batcher] = {}  # model path -> its merger of callers' requests
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()  # guards the dicts, never held while loading or waiting
         self._loading = threading.Lock()  # one new model at a time: room is made before it loads
@@ -227,17 +236,41 @@ class ModelHub:
                  shared: str = "") -> list[Generation]:
         """Answer every prompt in ONE generate call; row i uses adapters[i] (BASE for none).
         With `shared` and one adapter for all rows, the prefix up to it is prefilled once and
-        reused, as in score_tokens_batch, when every row's ids start with its ids."""
-        return self._run(model_ref, prompts, adapters, params or GenParams(), None,
-                         cancel or threading.Event(), shared)
+        reused, as in score_tokens_batch, when every row's ids start with its ids.
+        A greedy call without `shared` may share its batch with other callers' (core.batcher)."""
+        params, cancel = params or GenParams(), cancel or threading.Event()
+        batcher = self._batcher(model_ref, prompts, params, shared)
+        if batcher is None:
+            return self._run(model_ref, prompts, adapters, params, None, cancel, shared)
+        return batcher.wait(batcher.submit(prompts, _row_adapters(prompts, adapters), params),
+                            cancel=cancel)
 
     def stream(self, model_ref: str, prompts: list[Prompt], adapters: list[str] | None = None,
                params: GenParams | None = None) -> GenerationStream:
-        """Like generate, run in a worker thread; iterate for the growing texts."""
+        """Like generate, run in a worker thread; iterate for the growing texts. A merged request
+        is queued before this returns."""
         gen_params = params or GenParams()
         self.load(model_ref)  # errors about the model surface here, not in the iteration
-        return GenerationStream(lambda push, cancel: self._run(
-            model_ref, prompts, adapters, gen_params, push, cancel))
+        batcher = self._batcher(model_ref, prompts, gen_params)
+        if batcher is None:
+            return GenerationStream(lambda push, cancel: self._run(
+                model_ref, prompts, adapters, gen_params, push, cancel))
+        ticket = batcher.submit(prompts, _row_adapters(prompts, adapters), gen_params)
+        return GenerationStream(lambda push, cancel: batcher.wait(ticket, push, cancel))
+
+    def _batcher(self, model_ref: str, prompts: list[Prompt], params: GenParams,
+                 shared: str = "") -> Batcher | None:
+        """The merger of this model's requests, or None where a call runs alone: merging off,
+        sampling (other rows would shift its seeded draws), a cached shared prefix, no rows."""
+        if self._batch_window_s <= 0 or params.temperature > 0 or shared or not prompts:
+            return None
+        path = self.load(model_ref).resolved.path  # errors about the model surface in the caller
+        with self._lock:
+            if path not in self._batchers:
+                self._batchers[path] = Batcher(
+                    lambda p, a, gp, push, cancel: self._run(model_ref, p, a, gp, push, cancel),
+                    self._batch_window_s, self._batch_max_rows, model_ref)
+            return self._batchers[path]
 
     def score_tokens(self, model_ref: str, prompt: Prompt, candidates: list[str],
                      adapter: str = BASE, assistant_prefix: str = "") -> TokenScores:
@@ -310,9 +343,7 @@ class ModelHub:
     def _run(self, model_ref: str, prompts: list[Prompt], adapters: list[str] | None,
              params: GenParams, on_update: Callable[[list[str]], None] | None,
              cancel: threading.Event, shared: str = "") -> list[Generation]:
-        adapters = list(adapters) if adapters is not None else [BASE] * len(prompts)
-        if len(adapters) != len(prompts):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(adapters)} adapter names.")
+        adapters = _row_adapters(prompts, adapters)
         if not prompts:
             return []
         entry = self.load(model_ref)
@@ -333,6 +364,14 @@ class ModelHub:
                 enc = encode(tokenizer, prompts, entry.device)
             return generate_batch(entry.model, entry.tokenizer, enc, entry.eos_ids, params, kwargs,
                                   on_update, cancel)
+
+
+def _row_adapters(prompts: list[Prompt], adapters: list[str] | None) -> list[str]:
+    """One adapter name per prompt (BASE for all when none are given)."""
+    adapters = list(adapters) if adapters is not None else [BASE] * len(prompts)
+    if len(adapters) != len(prompts):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(adapters)} adapter names.")
+    return adapters
 
 
 _HUB: ModelHub | None = None
