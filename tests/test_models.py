@@ -294,6 +294,57 @@ def test_closing_a_stream_stops_the_generation(hub):
     assert stream.generations[0].new_tokens < 100
 
 
+COLOUR = [{"role": "user", "content": "Name a colour."}]
+
+
+def held_first_batch(hub, tmp_path, monkeypatch):
+    """Start a request whose batch is held at the batcher's gate, so the next requests queue
+    behind it and share the batch after it (core.testhooks)."""
+    from core.testhooks import GATE_ENV
+    from tests.gates import Gate
+
+    monkeypatch.setenv(GATE_ENV, str(tmp_path / "gates"))
+    gate = Gate(tmp_path / "gates", "batcher-run").arm()
+    first = hub.stream(SMOLLM2, [EIFFEL], ["a2"], SHORT)
+    gate.wait_reached()
+    return first, gate
+
+
+@pytest.mark.integration
+def test_visitors_queued_behind_a_batch_share_one_and_get_their_solo_answers(hub, adapters, tmp_path,
+                                                                           monkeypatch, caplog):
+    requests = [([EIFFEL], ["a1"]), ([COLOUR, EIFFEL], [BASE, "a3"])]  # two lengths, three adapters
+    alone = [[hub.generate(SMOLLM2, [p], [a], SHORT)[0].text for p, a in zip(*r)] for r in requests]
+    first, gate = held_first_batch(hub, tmp_path, monkeypatch)
+    with caplog.at_level("INFO", logger="core.batcher"):
+        streams = [hub.stream(SMOLLM2, prompts, names, SHORT) for prompts, names in requests]
+        gate.release()
+        answers = [list(stream)[-1] for stream in streams]
+        list(first)
+    assert answers == alone
+    assert "batch of 2 requests, 3 rows" in caplog.text
+
+
+@pytest.mark.integration
+def test_a_visitor_who_leaves_drops_only_their_request(hub, adapters, tmp_path, monkeypatch, caplog):
+    kept_alone = hub.generate(SMOLLM2, COLOUR, ["a1"], SHORT)[0].text
+    first, gate = held_first_batch(hub, tmp_path, monkeypatch)
+    with caplog.at_level("INFO", logger="core.batcher"):
+        queued = hub.stream(SMOLLM2, [EIFFEL], [BASE], SHORT)  # leaves before its batch
+        leaving = hub.stream(SMOLLM2, [EIFFEL], ["a4"], SHORT)  # leaves mid-batch
+        kept = hub.stream(SMOLLM2, COLOUR, ["a1"], SHORT)
+        queued.close()
+        assert list(queued) == [[""]]
+        gate.release()
+        next(leaving)
+        leaving.close()
+        list(leaving)
+        assert list(kept)[-1] == kept_alone
+        list(first)
+    assert "batch of 2 requests, 2 rows" in caplog.text  # leaving and kept; queued never ran
+    assert hub._batchers[hub.load(SMOLLM2).resolved.path].queued() == 0
+
+
 @pytest.mark.integration
 def test_seeded_sampling_repeats(hub):
     def sample(seed: int) -> str:

@@ -20,7 +20,9 @@ BUG_MESSAGE = "Something went wrong on the server ({}); the details are in its l
 
 # Gradio queue limits for the heavy events, each group sharing one limit (concurrency_id): model
 # generation, index builds, statistics and job starts. Every other event gets the app's default.
-GENERATE = {"concurrency_id": "generate", "concurrency_limit": 2}
+# Generation admits 8 at once: the hub merges their requests into shared batches (core/batcher.py,
+# at most BATCH_MAX_ROWS rows each), so more visitors in flight means fuller batches.
+GENERATE = {"concurrency_id": "generate", "concurrency_limit": 8}
 INDEX = {"concurrency_id": "index", "concurrency_limit": 1}
 STATS = {"concurrency_id": "stats", "concurrency_limit": 2}
 START_JOB = {"concurrency_id": "start_job", "concurrency_limit": 1}
