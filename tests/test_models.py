@@ -327,19 +327,19 @@ def test_visitors_queued_behind_a_batch_share_one_and_get_their_solo_answers(hub
 
 @pytest.mark.integration
 def test_a_visitor_who_leaves_drops_only_their_request(hub, adapters, tmp_path, monkeypatch, caplog):
-    kept_alone = hub.generate(SMOLLM2, COLOUR, ["a1"], SHORT)[0].text
+    kept_alone = hub.generate(SMOLLM2, [COLOUR], ["a1"], SHORT)[0].text
     first, gate = held_first_batch(hub, tmp_path, monkeypatch)
     with caplog.at_level("INFO", logger="core.batcher"):
         queued = hub.stream(SMOLLM2, [EIFFEL], [BASE], SHORT)  # leaves before its batch
         leaving = hub.stream(SMOLLM2, [EIFFEL], ["a4"], SHORT)  # leaves mid-batch
-        kept = hub.stream(SMOLLM2, COLOUR, ["a1"], SHORT)
+        kept = hub.stream(SMOLLM2, [COLOUR], ["a1"], SHORT)
         queued.close()
         assert list(queued) == [[""]]
         gate.release()
         next(leaving)
         leaving.close()
         list(leaving)
-        assert list(kept)[-1] == kept_alone
+        assert list(kept)[-1] == [kept_alone]
         list(first)
     assert "batch of 2 requests, 2 rows" in caplog.text  # leaving and kept; queued never ran
     assert hub._batchers[hub.load(SMOLLM2).resolved.path].queued() == 0
