@@ -6,7 +6,8 @@ import os
 
 import gradio as gr
 
-from core import config
+from core import config, persistence
+from core.persistence import Persistence
 from jobs.services import Services, build_services
 from ui import (compare_tab, data_tab, evaluate_tab, finetune_tab, jobs_panel, rag_tab,
                 study_tab)
@@ -20,18 +21,15 @@ INTRO = (
     "Try it on your own model and data."
 )
 
-# On a Space without a volume (config.storage_persistent) the runs are lost at the next restart.
-EPHEMERAL_BANNER = (
-    "> **Results live on this Space's disk and vanish when it restarts**: export them "
-    "(Evaluate → Export answers and judgments) or set `DATA_DIR` to a mounted volume."
-)
 
-
-def build_app(services: Services) -> gr.Blocks:
+def build_app(services: Services, storage: Persistence | None = None) -> gr.Blocks:
+    """`storage`: where results are kept beyond this process (core.persistence); its banner says
+    where they are saved, or that they vanish with a Space's disk."""
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}")
-        if not config.storage_persistent():
-            gr.Markdown(EPHEMERAL_BANNER)
+        banner = (storage or Persistence()).banner()
+        if banner:
+            gr.Markdown(banner)
         keys = keyring()  # the API keys this visitor typed, for this browser session only
         # Each tab re-reads the server's state when the page loads and when it is selected
         # (ui.common.on_show): lists of adapters, pipelines, runs and jobs, and its running job.
@@ -61,9 +59,13 @@ def configure_logging() -> None:
 if __name__ == "__main__":
     configure_logging()
     logging.getLogger(__name__).info("starting (public mode: %s)", config.PUBLIC_MODE)
+    # PERSIST_REPO: restore an empty data dir before the store opens it, then upload on schedule.
+    storage = persistence.restore_at_start()
+    services = build_services()
+    storage.start(services.store, os.environ.get("HF_TOKEN") or None)
     # Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860).
     # Heavy events carry their own concurrency limits (ui.common); a full queue is refused with
     # Gradio's own message, and uploads above MAX_UPLOAD_MB never reach a handler.
-    build_app(build_services()).queue(
+    build_app(services, storage).queue(
         default_concurrency_limit=8, max_size=64 if config.PUBLIC_MODE else None,
     ).launch(max_file_size=config.MAX_UPLOAD_BYTES)

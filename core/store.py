@@ -82,7 +82,9 @@ def _apply(cur: duckdb.DuckDBPyConnection, path: Path) -> None:
 
 
 class Store:
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, upto: int | None = None):
+        """`upto`: apply the migrations up to that version only (a snapshot taken at that version
+        is loaded before the later ones run, core.snapshot)."""
         self.path = Path(path) if path else config.db_path()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -95,7 +97,7 @@ class Store:
         self._write_lock = threading.RLock()
         self._generation = 0
         self._local = threading.local()
-        self.migrate()
+        self.migrate(upto)
 
     # -- plumbing ---------------------------------------------------------------------------
     def _cursor(self) -> duckdb.DuckDBPyConnection:
@@ -133,11 +135,25 @@ class Store:
             cur.execute("COMMIT")
             self._generation += 1
 
+    @contextmanager
+    def read_transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A cursor of its own inside one transaction, for reading: everything read through it is
+        the database as of one moment, whatever jobs write meanwhile (DuckDB's MVCC). Nothing
+        waits for it, and it writes nothing (rolled back at the end)."""
+        cur = self._conn.cursor()
+        try:
+            cur.execute("BEGIN TRANSACTION")
+            yield cur
+            cur.execute("ROLLBACK")
+        finally:
+            cur.close()
+
     def close(self) -> None:
         self._conn.close()
 
-    def migrate(self) -> list[int]:
-        """Apply the migrations not yet applied, each in its own transaction. Returns them."""
+    def migrate(self, upto: int | None = None) -> list[int]:
+        """Apply the migrations not yet applied (up to version `upto` when given), each in its own
+        transaction. Returns them."""
         with self._write_lock:
             cur = self._cursor()
             cur.execute(
@@ -147,7 +163,7 @@ class Store:
             done = {r[0] for r in cur.execute("SELECT version FROM schema_migrations").fetchall()}
             applied = []
             for version, name, path in migrations():
-                if version in done:
+                if version in done or (upto is not None and version > upto):
                     continue
                 with self.transaction() as tx:
                     _apply(tx, path)
