@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Protocol
 
 from core.generation import GenParams, Prompt, as_messages
-from core.models import get_hub
+from core.models import generate_task, score_task
 from core.schema import InputError
 from core.scoring import TokenScores
 from core.secrets import OPENAI_URL, Secret
@@ -39,7 +39,9 @@ class Judge(Protocol):
 
 
 class LocalJudge:
-    """A model (and optional adapter) in this process's ModelHub.
+    """A model (and optional adapter) in this process's ModelHub, through its GPU tasks (core.gpu:
+    a forked worker on ZeroGPU, a plain call elsewhere); `hub`, a ModelHub of its own (tests,
+    benches), is called directly instead.
 
     `score_rows` prompts share one scoring forward pass on top of the cached shared prefix;
     `prefix_cache=False` prefills every prompt whole, one at a time (the bench's baseline)."""
@@ -47,7 +49,8 @@ class LocalJudge:
     def __init__(self, model_ref: str, adapter: str = BASE, hub: Any = None,
                  max_rows: int = 40, score_rows: int = 8, prefix_cache: bool = True) -> None:
         self.model_ref, self.adapter = model_ref, adapter or BASE
-        self._hub = hub or get_hub()
+        self._generate = hub.generate if hub is not None else generate_task
+        self._score = hub.score_tokens_batch if hub is not None else score_task
         self._max_rows = max_rows  # rows per generate call: bounds padding memory on CPU
         self._score_rows = score_rows
         self._prefix_cache = prefix_cache
@@ -60,9 +63,8 @@ class LocalJudge:
         texts: list[str] = []
         for start in range(0, len(prompts), self._max_rows):
             chunk = prompts[start:start + self._max_rows]
-            texts += [g.text for g in self._hub.generate(self.model_ref, chunk,
-                                                         [self.adapter] * len(chunk), params,
-                                                         shared=shared)]
+            texts += [g.text for g in self._generate(self.model_ref, chunk, [self.adapter] * len(chunk),
+                                                     params, shared=shared)]
         return texts
 
     def sample(self, prompts: list[Prompt], n: int, seed: int, max_new_tokens: int,
@@ -84,9 +86,8 @@ class LocalJudge:
                        key=lambda i: sum(len(m["content"]) for m in as_messages(prompts[i])))
         for start in range(0, len(order), rows):
             chunk = order[start:start + rows]
-            yield from zip(chunk, self._hub.score_tokens_batch(
-                self.model_ref, [prompts[i] for i in chunk], candidates, adapter=self.adapter,
-                assistant_prefix=slot, shared=shared))
+            yield from zip(chunk, self._score(self.model_ref, [prompts[i] for i in chunk], candidates,
+                                              adapter=self.adapter, assistant_prefix=slot, shared=shared))
 
 
 class OpenAIJudge:

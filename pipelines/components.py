@@ -17,7 +17,7 @@ from haystack.utils import Secret as HaystackSecret
 from core import config
 from core.generation import GenParams
 from core.model_files import ModelNotFoundError, UnsupportedModelError, load_path, resolve
-from core.models import get_hub
+from core.models import generate_task, get_hub
 from core.secrets import OPERATOR_KEY_ENV, Secret, api_key_for, is_operator_endpoint
 from core.systems import BASE
 from pipelines.spec import GeneratorSpec, SpecError
@@ -53,7 +53,7 @@ class LocalChatGenerator:
     def run(self, messages: list[ChatMessage], adapter: str = BASE,
             generation_kwargs: dict[str, Any] | None = None) -> dict[str, list[ChatMessage]]:
         params = _gen_params({**self.generation_kwargs, **(generation_kwargs or {})})
-        generation = get_hub().generate(self.model, [chat_dicts(messages)], [adapter], params)[0]
+        generation = generate_task(self.model, [chat_dicts(messages)], [adapter], params)[0]
         meta = {"model": self.model, "adapter": adapter, "new_tokens": generation.new_tokens,
                 "prompt_tokens": generation.prompt_tokens, "seconds": generation.seconds}
         return {"replies": [ChatMessage.from_assistant(generation.text, meta=meta)]}

@@ -186,7 +186,7 @@ class RecordingApi:
         self.commits.append(sorted(op.path_in_repo for op in operations))
         return commit_message
 
-    def run_as_future(self, fn):  # the scheduler's first push, at once, in this thread
+    def run_as_future(self, fn):  # the scheduler's own pushes: the test pushes by hand instead
         from concurrent.futures import Future
         future = Future()
         future.set_result(None)
@@ -197,7 +197,7 @@ def test_the_scheduled_upload_writes_the_snapshot_and_sends_only_what_changed(so
     store, before, run = source
     api = RecordingApi()
     scheduler = persistence.SnapshotScheduler(store, before / "adapters", repo_id="me/lab-results",
-                                              folder_path=tmp_path / "snapshot", every=60, hf_api=api)
+                                              folder_path=tmp_path / "snapshot", every=0.001, hf_api=api)
     try:
         scheduler.push_to_hub()
         assert MANIFEST in api.commits[0] and "tables/judgments.parquet" in api.commits[0]
@@ -208,6 +208,7 @@ def test_the_scheduled_upload_writes_the_snapshot_and_sends_only_what_changed(so
         assert api.commits[1] == [MANIFEST, "tables/judgments.parquet"]
     finally:
         scheduler.stop()
+        scheduler._scheduler_thread.join(10)  # its loop ends within `every`; nothing outlives the test
 
 
 def test_at_start_an_empty_data_dir_is_restored_and_a_full_one_left_alone(source, tmp_path, monkeypatch):
