@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
+    """A loopback port nothing listens on (also usable as a 'closed' port for error tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

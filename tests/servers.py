@@ -4,7 +4,6 @@ OpenAI-compatible HTTP server that records the key each request carries."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -18,13 +17,7 @@ from typing import Iterator
 import torch
 
 from core.model_files import SMOLLM2, model_path
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (also usable as a 'closed' port for error tests)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.app_server import free_port
 
 
 def make_lora_adapters(root: Path, names: list[str], hidden_override: dict | None = None,

@@ -14,7 +14,8 @@ from pipelines.compare import closed_book_messages, compare
 from pipelines.indexing import build_index
 from pipelines.query import build_prompt
 from pipelines.spec import PipelineSpec
-from tests.servers import free_port, make_lora_adapters, served_model
+from tests.app_server import free_port
+from tests.servers import make_lora_adapters, served_model
 
 pytestmark = pytest.mark.integration
 PARAMS = GenParams(max_new_tokens=12)

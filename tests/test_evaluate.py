@@ -25,7 +25,8 @@ from jobs.services import build_services
 from pipelines import indexing
 from pipelines.spec import PipelineSpec, SpecError, save_spec
 from tests.gates import Gate
-from tests.servers import free_port, served_model
+from tests.app_server import free_port
+from tests.servers import served_model
 
 REPO = Path(__file__).resolve().parent.parent
 ACCURACY = {"name": "accuracy", "steps": "1. Compare the facts of the answer with the reference "

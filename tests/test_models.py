@@ -22,7 +22,8 @@ from core.openai_backend import (BackendRequestError, BackendUnreachableError, M
                                  OpenAIBackend)
 from core.systems import BASE
 from tests import servers
-from tests.servers import free_port, make_lora_adapters
+from tests.app_server import free_port
+from tests.servers import make_lora_adapters
 
 EIFFEL = ("Answer the question using the context.\n\nContext: The Eiffel Tower is a wrought-iron "
           "lattice tower in Paris. It was completed in 1889 for the World's Fair.\n\n"
