@@ -142,5 +142,8 @@ def models_dir() -> Path:
     return path
 
 
+DB_FILE = "app.duckdb"
+
+
 def db_path() -> Path:
-    return data_dir() / "app.duckdb"
+    return data_dir() / DB_FILE

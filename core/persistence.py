@@ -61,12 +61,12 @@ class SnapshotScheduler(CommitScheduler):
     after another on the scheduler's own worker, so a snapshot is never rewritten mid-upload;
     unchanged files keep their time stamps and are not sent again."""
 
-    def __init__(self, store: Store, adapters_root: Path, **kwargs: Any) -> None:
-        self.store, self.adapters_root = store, Path(adapters_root)
+    def __init__(self, store: Store, data_dir: Path, **kwargs: Any) -> None:
+        self.store, self.data_dir = store, Path(data_dir)
         super().__init__(repo_type="dataset", private=True, **kwargs)
 
     def push_to_hub(self) -> Any:
-        write_snapshot(self.store, self.adapters_root, self.folder_path)
+        write_snapshot(self.store, self.data_dir, self.folder_path)
         return super().push_to_hub()
 
 
@@ -95,7 +95,7 @@ class Persistence:
         if not self.repo or self.error:
             return
         try:
-            self.scheduler = SnapshotScheduler(store, config.subdir("adapters"), repo_id=self.repo,
+            self.scheduler = SnapshotScheduler(store, config.data_dir(), repo_id=self.repo,
                                                folder_path=snapshot_dir(), every=self.every,
                                                token=token)
         except Exception as exc:  # a bad token, no network: the app runs, the banner says so
@@ -115,7 +115,7 @@ def restore_at_start(env: Mapping[str, str] = os.environ,
     try:
         download(repo_id=repo, repo_type="dataset", local_dir=str(folder), token=env.get("HF_TOKEN") or None)
         if (folder / MANIFEST).is_file():
-            state.restored = restore_snapshot(folder, config.db_path(), config.subdir("adapters"))
+            state.restored = restore_snapshot(folder, config.data_dir())
         else:
             logger.info("%s holds no snapshot yet: starting empty", repo)
     except RepositoryNotFoundError:

@@ -3,9 +3,10 @@
 What a snapshot holds: every table as `tables/<name>.parquet`, read in one transaction so that
 all of them show the database as of one moment while jobs go on writing; the adapters this app
 trained, as `adapters/<name>/` with only the files an adapter is (ADAPTER_FILES: weights, config,
-spec, training ids, metrics; never checkpoints or anything else in the folder); and
-`manifest.json`, written last, naming the schema version, the tables with their row counts and
-the adapters with their files. The manifest is what a restore follows: files it does not name
+spec, training ids, metrics; never checkpoints or anything else in the folder); the saved
+pipeline specs (`pipelines/<name>.json` and `.yaml`; indexes are rebuilt, not kept); and
+`manifest.json`, written last, naming the schema version, the tables with their row counts, the
+adapters with their files and the pipeline files. The manifest is what a restore follows: files it does not name
 (an adapter deleted since, left in a dataset repo that only ever adds files) are ignored.
 
 A restore builds the database in a temporary file next to the real one, with the migrations up
@@ -24,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from core import config
 from core.names import check_name, inside
 from core.store import Store, migrations
 from core.testhooks import gate
@@ -34,6 +36,8 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 TABLES = "tables"
 ADAPTERS = "adapters"
+PIPELINES = "pipelines"
+PIPELINE_SUFFIXES = (".json", ".yaml")
 # The files that make an adapter (jobs.finetune writes them); metrics.json means it finished.
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "spec.json", "train_ids.json",
                  "metrics.json")
@@ -96,21 +100,46 @@ def _copy_adapters(rows: list[dict[str, Any]], adapters_root: Path, folder: Path
         target.mkdir(parents=True, exist_ok=True)
         files = [f for f in ADAPTER_FILES if (source / f).is_file()]
         for name in files:
-            if not (target / name).is_file() or not filecmp.cmp(source / name, target / name, shallow=False):
-                tmp = target / f"{name}.tmp"
-                shutil.copyfile(source / name, tmp)
-                os.replace(tmp, target / name)
+            _copy_file(source / name, target / name)
         copied[row["name"]] = files
     return copied
 
 
-def write_snapshot(store: Store, adapters_root: Path, folder: Path) -> dict[str, Any]:
-    """Write (or bring up to date) the snapshot in `folder`; returns its manifest. Files whose
-    content did not change are left alone."""
-    folder = Path(folder)
+def _copy_file(source: Path, target: Path) -> None:
+    """Copy unless `target` already holds the same bytes (its time stamp then stays)."""
+    if not target.is_file() or not filecmp.cmp(source, target, shallow=False):
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
+
+def _pipeline_files(folder: Path) -> list[str]:
+    """The saved pipeline specs in `folder` whose names pass the name rule."""
+    return sorted(p.name for p in folder.glob("*") if p.is_file() and p.suffix in PIPELINE_SUFFIXES
+                  and _is_name(p.stem)) if folder.is_dir() else []
+
+
+def _is_name(text: str) -> bool:
+    try:
+        check_name(text, "Name")
+    except ValueError:
+        return False
+    return True
+
+
+def write_snapshot(store: Store, data_dir: Path, folder: Path) -> dict[str, Any]:
+    """Write (or bring up to date) the snapshot of `store` and the files under `data_dir` in
+    `folder`; returns its manifest. Files whose content did not change are left alone."""
+    folder, data_dir = Path(folder), Path(data_dir)
     version, counts, adapter_rows = _write_tables(store, folder / TABLES)
-    adapters = _copy_adapters(adapter_rows, Path(adapters_root), folder / ADAPTERS)
-    manifest = {"format": FORMAT, "schema_version": version, "tables": counts, "adapters": adapters}
+    adapters = _copy_adapters(adapter_rows, data_dir / ADAPTERS, folder / ADAPTERS)
+    pipelines = _pipeline_files(data_dir / PIPELINES)
+    if pipelines:
+        (folder / PIPELINES).mkdir(parents=True, exist_ok=True)
+    for name in pipelines:
+        _copy_file(data_dir / PIPELINES / name, folder / PIPELINES / name)
+    manifest = {"format": FORMAT, "schema_version": version, "tables": counts, "adapters": adapters,
+                "pipelines": pipelines}
     old = read_manifest(folder) if (folder / MANIFEST).is_file() else None
     if old is None or {k: old.get(k) for k in manifest} != manifest:
         tmp = folder / f"{MANIFEST}.tmp"
@@ -133,10 +162,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def restore_snapshot(folder: Path, db_path: Path, adapters_root: Path) -> dict[str, Any]:
-    """Rebuild the database at `db_path` (which must not exist) and the adapters under
-    `adapters_root` from the snapshot in `folder`; returns its manifest."""
-    folder, db_path, adapters_root = Path(folder), Path(db_path), Path(adapters_root)
+def restore_snapshot(folder: Path, data_dir: Path) -> dict[str, Any]:
+    """Rebuild the database (config.DB_FILE, which must not exist yet), the adapters and the
+    pipeline specs under `data_dir` from the snapshot in `folder`; returns its manifest."""
+    folder, data_dir = Path(folder), Path(data_dir)
+    db_path, adapters_root = data_dir / config.DB_FILE, data_dir / ADAPTERS
     if db_path.exists():
         raise SnapshotError(f"{db_path} exists: a restore never overwrites a database.")
     manifest = read_manifest(folder)
@@ -146,6 +176,11 @@ def restore_snapshot(folder: Path, db_path: Path, adapters_root: Path) -> dict[s
                             f"{newest}. Update the app first.")
     adapters = {check_name(name, "Adapter name in the snapshot"): files
                 for name, files in manifest["adapters"].items()}
+    pipelines = manifest.get("pipelines", [])
+    for name in pipelines:
+        if Path(name).suffix not in PIPELINE_SUFFIXES:
+            raise SnapshotError(f"The snapshot names an unexpected pipeline file '{name}'.")
+        check_name(Path(name).stem, "Pipeline name in the snapshot")
     tmp = db_path.with_name(db_path.name + ".restoring")
     for stale in (tmp, tmp.with_name(tmp.name + ".wal")):
         stale.unlink(missing_ok=True)
@@ -158,6 +193,10 @@ def restore_snapshot(folder: Path, db_path: Path, adapters_root: Path) -> dict[s
                 if file not in ADAPTER_FILES:
                     raise SnapshotError(f"The snapshot's adapter '{name}' names an unexpected file '{file}'.")
                 shutil.copyfile(inside(folder / ADAPTERS, name, file), target / file)
+        if pipelines:
+            (data_dir / PIPELINES).mkdir(parents=True, exist_ok=True)
+        for name in pipelines:
+            shutil.copyfile(inside(folder / PIPELINES, name), inside(data_dir / PIPELINES, name))
         os.replace(tmp, db_path)  # the database appears whole, or not at all
     finally:
         tmp.unlink(missing_ok=True)

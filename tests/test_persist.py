@@ -31,7 +31,8 @@ def judgment(score: float) -> dict:
 
 def fill(store: Store, data_dir) -> str:
     """An evaluation run with answers and judgments, a trained adapter (with the checkpoints and
-    stray files a folder can hold), an imported one, and a job whose child process was recorded."""
+    stray files a folder can hold), an imported one, a saved pipeline, and a job whose child
+    process was recorded."""
     store.save_dataset("sample:nq", "nq", "sample", [
         {"id": f"q{i}", "question": f"question {i}?", "answer": f"answer {i}", "contexts": ["c"],
          "split": "eval", "meta": {}} for i in range(3)], n_passages=3)
@@ -59,6 +60,10 @@ def fill(store: Store, data_dir) -> str:
     (folder / "train_ids.json").write_text(json.dumps({"dataset_id": "sample:nq", "train": ["q7", "q8"]}))
     store.upsert_adapter("ft-nq", "m", str(folder), {"n_train": 16}, {"final_train_loss": 1.5}, job)
     store.upsert_adapter("from-hub", "m", "someone/lora")
+    (data_dir / "pipelines").mkdir()
+    for name in ("nq-bm25.json", "nq-bm25.yaml", "notes.txt"):
+        (data_dir / "pipelines" / name).write_text(f"{name} text")
+    store.save_pipeline("nq-bm25", {"name": "nq-bm25"}, "nq-bm25.yaml text")
     return run
 
 
@@ -86,19 +91,20 @@ def source(tmp_path, monkeypatch):
 def test_a_fresh_data_dir_restored_from_the_snapshot_shows_the_same_runs(source, tmp_path, monkeypatch):
     store, before, run = source
     repo = tmp_path / "repo"  # stands in for the dataset repo's files
-    manifest = write_snapshot(store, before / "adapters", repo)
+    manifest = write_snapshot(store, before, repo)
     snapshotted = table_rows(store)
     assert manifest["tables"]["judgments"] == 6 and manifest["adapters"] == {"ft-nq": list(ADAPTER_FILES)}
     shipped = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
     assert "adapters/ft-nq/notes.env" not in shipped and not any("checkpoints" in p for p in shipped)
     assert sorted(p for p in shipped if p.startswith("adapters/")) == sorted(
         f"adapters/ft-nq/{name}" for name in ADAPTER_FILES)
+    assert manifest["pipelines"] == ["nq-bm25.json", "nq-bm25.yaml"]
     services = build_services(warm_up=False, store=store)  # marks the running job interrupted
     runs, summary = services.evaluations.runs(), services.evaluations.summary(run, n_boot=200)
 
     after = tmp_path / "after"
     monkeypatch.setenv("DATA_DIR", str(after))
-    restore_snapshot(repo, config.db_path(), config.subdir("adapters"))
+    restore_snapshot(repo, after)
     restored = Store(config.db_path())
     try:
         assert table_rows(restored) == snapshotted
@@ -106,6 +112,7 @@ def test_a_fresh_data_dir_restored_from_the_snapshot_shows_the_same_runs(source,
         assert rows == {"ft-nq": str(after / "adapters" / "ft-nq"), "from-hub": "someone/lora"}
         assert (after / "adapters" / "ft-nq" / "adapter_model.safetensors").read_bytes() == \
             b"adapter weights"
+        assert sorted(p.name for p in (after / "pipelines").iterdir()) == ["nq-bm25.json", "nq-bm25.yaml"]
         assert restored.job_processes() == []  # no pid from the old machine gets signalled here
         again = build_services(warm_up=False, store=restored)
         assert again.adapters.sync() == []  # the restored folder is the restored row
@@ -122,7 +129,7 @@ def test_a_snapshot_is_one_moment_while_jobs_write(source, tmp_path, monkeypatch
     gates = tmp_path / "gates"
     monkeypatch.setenv("LAB_TEST_GATE_DIR", str(gates))
     gate = Gate(gates, "snapshot-tables").arm()
-    snapshot = threading.Thread(target=write_snapshot, args=(store, before / "adapters", tmp_path / "repo"))
+    snapshot = threading.Thread(target=write_snapshot, args=(store, before, tmp_path / "repo"))
     snapshot.start()
     gate.wait_reached(timeout=60, alive=snapshot.is_alive)  # the first table is written
     store.create_eval_run("run-2", None, "second run", "sample:nq", {"systems": []})
@@ -137,10 +144,10 @@ def test_a_snapshot_is_one_moment_while_jobs_write(source, tmp_path, monkeypatch
 def test_an_older_snapshot_gets_the_current_migrations(tmp_path):
     old = Store(tmp_path / "old.duckdb", upto=5)  # before jobs had pid/pgid (006)
     job = old.create_job("evaluate", {"name": "x"})
-    write_snapshot(old, tmp_path / "adapters", tmp_path / "repo")
+    write_snapshot(old, tmp_path, tmp_path / "repo")
     old.close()
     assert read_manifest(tmp_path / "repo")["schema_version"] == 5
-    restore_snapshot(tmp_path / "repo", tmp_path / "new" / "app.duckdb", tmp_path / "new" / "adapters")
+    restore_snapshot(tmp_path / "repo", tmp_path / "new")
     new = Store(tmp_path / "new" / "app.duckdb")
     try:
         assert new.schema_version() == Store(tmp_path / "fresh.duckdb").schema_version()
@@ -153,22 +160,22 @@ def test_an_older_snapshot_gets_the_current_migrations(tmp_path):
 def test_a_restore_refuses_an_existing_database_or_a_broken_snapshot(source, tmp_path):
     store, before, run = source
     repo = tmp_path / "repo"
-    write_snapshot(store, before / "adapters", repo)
+    write_snapshot(store, before, repo)
     with pytest.raises(SnapshotError, match="never overwrites"):
-        restore_snapshot(repo, store.path, tmp_path / "adapters")
+        restore_snapshot(repo, before)
     target = tmp_path / "new" / "app.duckdb"
     target.parent.mkdir()
     manifest = json.loads((repo / MANIFEST).read_text())
     (repo / MANIFEST).write_text(json.dumps({**manifest, "tables": {**manifest["tables"], "judgments": 99}}))
     with pytest.raises(SnapshotError, match="judgments.parquet holds 6 rows; the manifest says 99"):
-        restore_snapshot(repo, target, tmp_path / "new" / "adapters")
+        restore_snapshot(repo, target.parent)
     assert not target.exists() and list(target.parent.iterdir()) == []  # whole or nothing
     (repo / MANIFEST).write_text(json.dumps({**manifest, "adapters": {"../escape": ["spec.json"]}}))
     with pytest.raises(ValueError):
-        restore_snapshot(repo, target, tmp_path / "new" / "adapters")
+        restore_snapshot(repo, target.parent)
     (repo / MANIFEST).write_text(json.dumps({**manifest, "schema_version": 999}))
     with pytest.raises(SnapshotError, match="Update the app first"):
-        restore_snapshot(repo, target, tmp_path / "new" / "adapters")
+        restore_snapshot(repo, target.parent)
 
 
 class RecordingApi:
@@ -196,7 +203,7 @@ class RecordingApi:
 def test_the_scheduled_upload_writes_the_snapshot_and_sends_only_what_changed(source, tmp_path):
     store, before, run = source
     api = RecordingApi()
-    scheduler = persistence.SnapshotScheduler(store, before / "adapters", repo_id="me/lab-results",
+    scheduler = persistence.SnapshotScheduler(store, before, repo_id="me/lab-results",
                                               folder_path=tmp_path / "snapshot", every=0.001, hf_api=api)
     try:
         scheduler.push_to_hub()
@@ -214,7 +221,7 @@ def test_the_scheduled_upload_writes_the_snapshot_and_sends_only_what_changed(so
 def test_at_start_an_empty_data_dir_is_restored_and_a_full_one_left_alone(source, tmp_path, monkeypatch):
     store, before, run = source
     repo = tmp_path / "repo"
-    write_snapshot(store, before / "adapters", repo)
+    write_snapshot(store, before, repo)
     calls = []
 
     def download(repo_id, repo_type, local_dir, token):  # the dataset repo, as a local folder
@@ -254,12 +261,12 @@ def test_the_storage_line_says_where_results_go(monkeypatch, tmp_path):
 @pytest.mark.integration
 def test_the_running_app_on_a_restored_data_dir_lists_the_same_runs(source, tmp_path, monkeypatch):
     store, before, run = source
-    write_snapshot(store, before / "adapters", tmp_path / "repo")
+    write_snapshot(store, before, tmp_path / "repo")
     services = build_services(warm_up=False, store=store)
     expected = [[r.id, r.name] for r in services.evaluations.runs()]
     after = tmp_path / "after"
     after.mkdir()
-    restore_snapshot(tmp_path / "repo", after / "app.duckdb", after / "adapters")
+    restore_snapshot(tmp_path / "repo", after)
     with running_app(after) as url:
         client = Client(url, verbose=False)
         choices = client.view_api(return_format="dict")  # the app answers its API
