@@ -258,6 +258,16 @@ def test_the_storage_line_says_where_results_go(monkeypatch, tmp_path):
     assert persistence.Persistence().banner({}) is None  # off a Space the disk is the operator's
 
 
+def test_the_app_shows_where_results_are_saved(source):
+    from app import build_app
+
+    store, _, _ = source
+    demo = build_app(build_services(warm_up=False, store=store),
+                     persistence.Persistence(repo="me/lab-results", every=5.0))
+    markdown = [c["props"].get("value") for c in demo.config["components"] if c["type"] == "markdown"]
+    assert any("me/lab-results" in str(text) for text in markdown)
+
+
 @pytest.mark.integration
 def test_the_running_app_on_a_restored_data_dir_lists_the_same_runs(source, tmp_path, monkeypatch):
     store, before, run = source
