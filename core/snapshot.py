@@ -53,14 +53,13 @@ def _quoted(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def _replace_if_changed(tmp: Path, target: Path) -> bool:
+def _replace_if_changed(tmp: Path, target: Path) -> None:
     """Move `tmp` onto `target` unless they hold the same bytes. An unchanged file keeps its
     modification time, so a scheduled upload (CommitScheduler) skips it."""
     if target.is_file() and filecmp.cmp(tmp, target, shallow=False):
         tmp.unlink()
-        return False
-    os.replace(tmp, target)
-    return True
+    else:
+        os.replace(tmp, target)
 
 
 def _write_tables(store: Store, folder: Path) -> tuple[int, dict[str, int], list[dict[str, Any]]]:
@@ -106,11 +105,9 @@ def _copy_adapters(rows: list[dict[str, Any]], adapters_root: Path, folder: Path
 
 
 def _copy_file(source: Path, target: Path) -> None:
-    """Copy unless `target` already holds the same bytes (its time stamp then stays)."""
-    if not target.is_file() or not filecmp.cmp(source, target, shallow=False):
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(source, tmp)
+    _replace_if_changed(tmp, target)
 
 
 def _pipeline_files(folder: Path) -> list[str]:
