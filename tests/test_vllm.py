@@ -26,7 +26,8 @@ from jobs import vllm_command as vc
 from jobs.finetune import _SUMMARY
 from jobs.finetune_data import FinetuneSpec
 from pipelines.compare import compare
-from tests.servers import free_port, key_recording_server
+from tests.app_server import free_port
+from tests.servers import key_recording_server
 
 REPO = Path(__file__).resolve().parent.parent
 CANARY = "sk-canary-operator-5d1e0c77"  # the operator's OPENAI_API_KEY
