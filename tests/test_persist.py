@@ -16,6 +16,8 @@ from core import config, persistence
 from core.snapshot import ADAPTER_FILES, MANIFEST, SnapshotError, read_manifest, restore_snapshot, write_snapshot
 from core.store import Store
 from core.systems import System
+from jobs.finetune import _SUMMARY
+from jobs.finetune_data import FinetuneSpec
 from jobs.services import build_services
 from tests.app_server import running_app
 from tests.gates import Gate
@@ -58,6 +60,9 @@ def fill(store: Store, data_dir) -> str:
         (folder / name).write_text(json.dumps({"file": name}))
     (folder / "adapter_model.safetensors").write_bytes(b"adapter weights")
     (folder / "train_ids.json").write_text(json.dumps({"dataset_id": "sample:nq", "train": ["q7", "q8"]}))
+    (folder / "spec.json").write_text(json.dumps(
+        FinetuneSpec.from_dict({"name": "ft-nq", "base_model": "m", "dataset": "nq", "n_train": 16}).to_dict()))
+    (folder / "metrics.json").write_text(json.dumps({key: 1.5 for key in _SUMMARY}))
     store.upsert_adapter("ft-nq", "m", str(folder), {"n_train": 16}, {"final_train_loss": 1.5}, job)
     store.upsert_adapter("from-hub", "m", "someone/lora")
     (data_dir / "pipelines").mkdir()
