@@ -6,7 +6,7 @@ GPU exists only inside functions decorated with `spaces.GPU`, which run in a for
 arguments and results are pickled, and whatever they change in memory (a model loaded, an adapter
 attached, a prefix cached) stays in the worker. So only pure entry points take the decorator:
 picklable arguments (names, prompts, parameters) in, picklable results (texts, scores) out, the
-model looked up in the process-wide hub inside (core.models.generate_task, score_task).
+model looked up in the process-wide hub inside (core.gpu_tasks).
 
 Elsewhere (no `spaces` package, as in requirements.txt; or `spaces` installed off ZeroGPU) the
 decorated function is the function itself. README, "GPUs", says which versions ZeroGPU runs.

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Protocol
 
 from core.generation import GenParams, Prompt, as_messages
-from core.models import generate_task, score_task
+from core.gpu_tasks import generate_task, score_task
 from core.schema import InputError
 from core.scoring import TokenScores
 from core.secrets import OPENAI_URL, Secret

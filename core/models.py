@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from core import config
 from core.batcher import Batcher
-from core.gpu import gpu_task, zero_gpu
+from core.gpu import zero_gpu
 from core.generation import GenerationStream, GenParams, Generation, Prompt, chat_text, encode, generate_batch
 from core.model_files import (AdapterError, ModelNotFoundError, ResolvedModel, UnsupportedModelError,
                               adapter_folder, adapter_name, check_allowed, check_fits, fingerprint,
@@ -389,34 +389,3 @@ def get_hub() -> ModelHub:
             _HUB = ModelHub()
         return _HUB
 
-
-# GPU tasks (core.gpu): on ZeroGPU each call runs in a forked worker that holds a GPU for it, so
-# they take and return only picklable values and find the model in the process-wide hub. The
-# model is loaded here first, in this process, so that a worker inherits it instead of loading it
-# again; what a worker caches (a prefix, an adapter attached there) dies with it.
-
-@gpu_task()
-def _generate_on_gpu(model_ref: str, prompts: list[Prompt], adapters: list[str],
-                     params: GenParams, shared: str) -> list[Generation]:
-    return get_hub().generate(model_ref, prompts, adapters, params, shared=shared)
-
-
-@gpu_task()
-def _score_on_gpu(model_ref: str, prompts: list[Prompt], candidates: list[str], adapter: str,
-                  assistant_prefix: str, shared: str) -> list[TokenScores]:
-    return get_hub().score_tokens_batch(model_ref, prompts, candidates, adapter, assistant_prefix, shared)
-
-
-def generate_task(model_ref: str, prompts: list[Prompt], adapters: list[str], params: GenParams,
-                  shared: str = "") -> list[Generation]:
-    """ModelHub.generate on the process-wide hub, as one GPU task (no cancel: an Event does not
-    cross into a ZeroGPU worker)."""
-    get_hub().load(model_ref)
-    return _generate_on_gpu(model_ref, prompts, adapters, params, shared)
-
-
-def score_task(model_ref: str, prompts: list[Prompt], candidates: list[str], adapter: str = BASE,
-               assistant_prefix: str = "", shared: str = "") -> list[TokenScores]:
-    """ModelHub.score_tokens_batch on the process-wide hub, as one GPU task."""
-    get_hub().load(model_ref)
-    return _score_on_gpu(model_ref, prompts, candidates, adapter, assistant_prefix, shared)

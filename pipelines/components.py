@@ -17,7 +17,8 @@ from haystack.utils import Secret as HaystackSecret
 from core import config
 from core.generation import GenParams
 from core.model_files import ModelNotFoundError, UnsupportedModelError, load_path, resolve
-from core.models import generate_task, get_hub
+from core.gpu_tasks import generate_task
+from core.models import get_hub
 from core.secrets import OPERATOR_KEY_ENV, Secret, api_key_for, is_operator_endpoint
 from core.systems import BASE
 from pipelines.spec import GeneratorSpec, SpecError

@@ -113,6 +113,7 @@ import spaces
 from core.generation import GenParams
 from core.judges import LocalJudge
 from core.model_files import SMOLLM2
+from core.models import get_hub
 from pipelines.components import LocalChatGenerator
 from haystack.dataclasses import ChatMessage
 
@@ -124,7 +125,7 @@ texts = judge.complete(prompts, max_new_tokens=6)
 reply = LocalChatGenerator(SMOLLM2, {"max_new_tokens": 6}).run(
     [ChatMessage.from_user("When was the Eiffel Tower completed?")])["replies"][0].text
 print(json.dumps({"scores": {i: s.probs for i, s in scores.items()}, "texts": texts, "reply": reply,
-                  "calls": [name for name, _ in spaces.CALLS]}))
+                  "calls": [name for name, _ in spaces.CALLS], "merging": get_hub()._batch_window_s > 0}))
 """
 
 
@@ -133,7 +134,8 @@ def test_the_decorated_judge_and_generator_answer_the_same_through_a_zero_gpu_wo
     path = fake_spaces(tmp_path)
     plain = run_python(JUDGE_AND_GENERATE, path, timeout=300)
     forked = run_python(JUDGE_AND_GENERATE, path, zero_gpu=True, timeout=300)
-    assert plain["calls"] == []
+    assert plain["calls"] == [] and plain["merging"]
+    assert not forked["merging"]  # a forked worker must not wait on the main process's merger
     assert sorted(set(forked["calls"])) == ["_generate_on_gpu", "_score_on_gpu"]
     assert forked["texts"] == plain["texts"] and forked["reply"] == plain["reply"]
     for i, probs in plain["scores"].items():
