@@ -8,6 +8,7 @@ import gradio as gr
 
 from core import config, persistence
 from core.persistence import Persistence
+from core.threads import configure_threads
 from jobs.services import Services, build_services
 from ui import (compare_tab, data_tab, evaluate_tab, finetune_tab, jobs_panel, rag_tab,
                 study_tab)
@@ -63,6 +64,7 @@ if __name__ == "__main__":
     storage = persistence.restore_at_start()
     services = build_services()
     storage.start(services.store, os.environ.get("HF_TOKEN") or None)
+    configure_threads()  # probed at start-up, not on a visitor's first question
     # Host and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (default 127.0.0.1:7860).
     # Heavy events carry their own concurrency limits (ui.common); a full queue is refused with
     # Gradio's own message, and uploads above MAX_UPLOAD_MB never reach a handler.

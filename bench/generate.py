@@ -27,6 +27,7 @@ from core.generation import GenParams
 from core.model_files import SMOLLM2, model_path
 from core.models import ModelHub
 from core.systems import BASE
+from core.threads import configure_threads
 
 K = 4
 # Different lengths on purpose (left padding), and answers long enough to use all new tokens.
@@ -84,7 +85,7 @@ def copy_bandwidth() -> float:
 
 def child_rss(adapters: list[Path], threads: int) -> None:
     """Run in a fresh process: load, attach adapters, answer one batch; print peak RSS."""
-    torch.set_num_threads(threads)
+    configure_threads(threads)
     hub = ModelHub()
     hub.load(SMOLLM2)
     names = [hub.load_adapter(SMOLLM2, str(a)) for a in adapters]
@@ -120,7 +121,7 @@ def main() -> None:
     if args.child_rss is not None:
         child_rss([Path(a) for a in json.loads(args.child_rss)], args.threads)
         return
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     load_average = os.getloadavg()[0]
     params = GenParams(max_new_tokens=args.new_tokens)
     start = time.perf_counter()

@@ -36,6 +36,7 @@ from core.geval import ACCURACY, FormInput, generate_steps, judge_batch
 from core.judges import LocalJudge
 from core.model_files import SMOLLM2
 from core.models import get_hub
+from core.threads import configure_threads
 
 
 def _timed(fn):
@@ -123,7 +124,7 @@ def main() -> None:
     parser.add_argument("--skip-end-to-end", action="store_true", help="parts 1-2 only")
     args = parser.parse_args()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        configure_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from core.datasets import load_preset
 

@@ -73,6 +73,16 @@ def batch_max_rows(env: Mapping[str, str] = os.environ) -> int:
     return int(value)
 
 
+def torch_threads(env: Mapping[str, str] = os.environ) -> int | None:
+    """TORCH_THREADS: torch's thread count; unset, core.threads picks one by a quick probe."""
+    value = env.get("TORCH_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"TORCH_THREADS must be a whole number of at least 1, not '{value}'.")
+    return int(value)
+
+
 def allowed_models(env: Mapping[str, str] = os.environ) -> tuple[str, ...]:
     """ALLOWED_MODELS: comma-separated model refs a visitor may load in public mode, besides the
     embedded aliases."""

@@ -1,8 +1,11 @@
-"""One batched `generate` call, streamed: prompts and their chat text, decoding parameters,
-per-row timings, cancellation, and the iterator that hands growing texts to another thread.
+"""One batch of prompts answered together, streamed: prompts and their chat text, decoding
+parameters, per-row timings, cancellation, and the iterator that hands growing texts to another
+thread. generate_grouped prefills similar-length prompts apart (no padding waste, short prompts'
+first tokens early) and decodes all rows in one `generate` call; generate_batch runs one padded
+`generate` call (for models whose caches cannot be joined, and for batches on a cached prefix).
 
 It knows nothing about which model or adapters run: ModelHub (core.models) picks those and holds
-the model's lock around generate_batch. OpenAI-compatible backends reuse the prompt types,
+the model's lock around both. OpenAI-compatible backends reuse the prompt types,
 GenParams, Generation and GenerationStream, so every backend looks the same to callers.
 """
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Union
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (StoppingCriteria, StoppingCriteriaList, TemperatureLogitsWarper,
+                          TopPLogitsWarper)
 from transformers.generation.streamers import BaseStreamer
+
+from core.batch_prefill import distinct_rows, join, length_groups, prefill_group
 
 Message = dict[str, str]
 Prompt = Union[str, list[Message]]
@@ -76,28 +83,92 @@ def encode(tokenizer: Any, prompts: list[Prompt], device: torch.device) -> Any:
 _SAMPLING_LOCK = threading.Lock()
 
 
-def generate_batch(model: Any, tokenizer: Any, enc: Any, eos_ids: list[int], params: GenParams,
-                   model_kwargs: dict[str, Any], on_update: Callable[[list[str]], None] | None,
-                   cancel: threading.Event) -> list[Generation]:
-    """Run one generate call over the encoded batch; the caller holds the model's lock.
-    `model_kwargs` go to generate as they are (peft's adapter_names)."""
-    streamer = _BatchStreamer(tokenizer, enc["input_ids"].shape[0], eos_ids, on_update)
-    kwargs: dict[str, Any] = dict(
-        model_kwargs, max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_ids, streamer=streamer,
-        stopping_criteria=StoppingCriteriaList([_CancelCriteria(cancel)]))
+@contextmanager
+def _decoding(params: GenParams) -> Iterator[None]:
+    """Inference mode, and for sampling the seeded global generator held for the whole call."""
     if params.temperature > 0:
-        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         with _SAMPLING_LOCK, torch.inference_mode():
             torch.manual_seed(params.seed)
-            model.generate(**enc, **kwargs)
+            yield
     else:
         with torch.inference_mode():
-            model.generate(**enc, do_sample=False, **kwargs)
-    prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+            yield
+
+
+def _generate(model: Any, tokenizer: Any, enc: Any, eos_ids: list[int], params: GenParams,
+              max_new_tokens: int, model_kwargs: dict[str, Any], streamer: "_BatchStreamer",
+              stop: "_StopCriteria") -> None:
+    kwargs: dict[str, Any] = dict(
+        model_kwargs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids, streamer=streamer, stopping_criteria=StoppingCriteriaList([stop]))
+    if params.temperature > 0:
+        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False)
+    model.generate(**enc, **kwargs)
+
+
+def _generations(streamer: "_BatchStreamer", prompt_tokens: list[int]) -> list[Generation]:
     return [Generation(streamer.text(i), int(prompt_tokens[i]), len(streamer.tokens[i]),
                        float(streamer.finish[i] or 0.0), float(streamer.first[i] or 0.0))
             for i in range(len(prompt_tokens))]
+
+
+def generate_batch(model: Any, tokenizer: Any, enc: Any, eos_ids: list[int], params: GenParams,
+                   model_kwargs: dict[str, Any], on_update: Callable[[list[str]], None] | None,
+                   cancel: threading.Event) -> list[Generation]:
+    """Run one generate call over the encoded (padded) batch; the caller holds the model's lock.
+    `model_kwargs` go to generate as they are (peft's adapter_names)."""
+    streamer = _BatchStreamer(tokenizer, enc["input_ids"].shape[0], eos_ids, on_update)
+    with _decoding(params):
+        _generate(model, tokenizer, enc, eos_ids, params, params.max_new_tokens, model_kwargs,
+                  streamer, _StopCriteria(cancel))
+    return _generations(streamer, enc["attention_mask"].sum(dim=1).tolist())
+
+
+def generate_grouped(model: Any, tokenizer: Any, ids: list[list[int]], eos_ids: list[int],
+                     params: GenParams, row_kwargs: dict[str, list],
+                     on_update: Callable[[list[str]], None] | None,
+                     cancel: threading.Event, device: torch.device) -> list[Generation]:
+    """Like generate_batch on these prompt ids, without padding waste (core.batch_prefill): each
+    group of similar-length prompts is prefilled apart, shortest first, and its rows' first tokens
+    stream at once; then all rows decode together. `row_kwargs` hold one value per row (peft's
+    adapter_names) and are sliced per group. The model must be `joinable`."""
+    streamer = _BatchStreamer(tokenizer, len(ids), eos_ids, on_update)
+    source = distinct_rows(ids, row_kwargs)
+    distinct = [i for i, s in enumerate(source) if s == i]
+    first: dict[int, int] = {}
+    parts = []
+    with _decoding(params):
+        for group in length_groups([len(ids[i]) for i in distinct]):
+            if cancel.is_set():
+                break
+            rows = [distinct[g] for g in group]
+            part = prefill_group(model, ids, rows, tokenizer.pad_token_id, device,
+                                 {k: [v[r] for r in rows] for k, v in row_kwargs.items()})
+            parts.append(part)
+            first.update(zip(rows, _next_tokens(part.logits, params).tolist()))
+            streamer.add({i: first[s] for i, s in enumerate(source) if s in rows})
+        done = [streamer.finish[i] is not None for i in range(len(ids))]
+        if len(first) == len(distinct) and params.max_new_tokens > 1 and not all(done):
+            enc = join(parts, source, ids, [first[s] for s in source], tokenizer.pad_token_id,
+                       device, model.config)
+            _generate(model, tokenizer, enc, eos_ids, params, params.max_new_tokens - 1, row_kwargs,
+                      streamer, _StopCriteria(cancel, torch.tensor(done, device=device)))
+        else:
+            streamer.end()
+    return _generations(streamer, [len(row) for row in ids])
+
+
+def _next_tokens(logits: torch.Tensor, params: GenParams) -> torch.Tensor:
+    """The token generate would pick from these next-token logits (greedy, or sampled with the
+    same temperature and top-p warpers)."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    warped = TemperatureLogitsWarper(params.temperature)(None, logits)
+    if params.top_p < 1:
+        warped = TopPLogitsWarper(params.top_p)(None, warped)
+    return torch.multinomial(warped.softmax(-1), 1).squeeze(1)
 
 
 class _BatchStreamer(BaseStreamer):
@@ -120,9 +191,14 @@ class _BatchStreamer(BaseStreamer):
         if not self._prompt_seen:
             self._prompt_seen = True
             return
+        self.add(dict(enumerate(value.reshape(-1).tolist())))
+
+    def add(self, tokens: dict[int, int]) -> None:
+        """The next token of each of these rows."""
         now = time.perf_counter() - self.start
-        for row, token in enumerate(value.reshape(-1).tolist()):
+        for row, token in tokens.items():
             if self.finish[row] is not None:
+                continue  # finished rows receive padding
                 continue  # finished rows receive padding
             if self.first[row] is None:
                 self.first[row] = now
@@ -147,13 +223,16 @@ class _BatchStreamer(BaseStreamer):
         return list(self._texts)
 
 
-class _CancelCriteria(StoppingCriteria):
-    def __init__(self, cancel: threading.Event) -> None:
-        self.cancel = cancel
+class _StopCriteria(StoppingCriteria):
+    """Stops every row on cancel, and the rows in `done` (finished before generate) at once."""
+
+    def __init__(self, cancel: threading.Event, done: torch.Tensor | None = None) -> None:
+        self.cancel, self.done = cancel, done
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool,
+        stop = torch.full((input_ids.shape[0],), self.cancel.is_set(), dtype=torch.bool,
                           device=input_ids.device)
+        return stop if self.done is None else stop | self.done
 
 
 class GenerationStream(Iterator[list[str]]):

@@ -1,5 +1,5 @@
 """ModelHub: one copy of each base model per process, LoRA adapters attached by name, batched
-multi-adapter generation in one `generate` call, streaming, and next-token scoring. No Gradio.
+multi-adapter generation (one batch, no padding waste), streaming, and next-token scoring. No Gradio.
 
 Concurrency design: every loaded model has one lock. generate, stream, score_tokens and
 load_adapter hold it for their whole model call, so a request always runs with exactly the adapters
@@ -33,15 +33,18 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from core import config
+from core.batch_prefill import joinable
 from core.batcher import Batcher
 from core.gpu import zero_gpu
-from core.generation import GenerationStream, GenParams, Generation, Prompt, chat_text, encode, generate_batch
+from core.generation import (GenerationStream, GenParams, Generation, Prompt, chat_text, encode,
+                             generate_batch, generate_grouped)
 from core.model_files import (AdapterError, ModelNotFoundError, ResolvedModel, UnsupportedModelError,
                               adapter_folder, adapter_name, check_allowed, check_fits, fingerprint,
                               hub_unavailable, load_path, resolve)
 from core.prefix_cache import KV, PrefixCache, batch_inputs, prefill, shared_ids, usable
 from core.scoring import NextTokenQuery, TokenScores
 from core.systems import BASE
+from core.threads import configure_threads
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +162,7 @@ class ModelHub:
             entry = self._touch(resolved.path)  # another thread may have loaded it meanwhile
             if entry is None:
                 self._make_room()
+                configure_threads()  # once per process, before the first model runs
                 logger.info("loading model %s", ref)
                 entry = _load_model(resolved)
                 with self._lock:
@@ -237,7 +241,9 @@ class ModelHub:
     def generate(self, model_ref: str, prompts: list[Prompt], adapters: list[str] | None = None,
                  params: GenParams | None = None, cancel: threading.Event | None = None,
                  shared: str = "") -> list[Generation]:
-        """Answer every prompt in ONE generate call; row i uses adapters[i] (BASE for none).
+        """Answer every prompt as one batch; row i uses adapters[i] (BASE for none). Prompts of
+        similar length are prefilled together, shortest first, and all rows decode together
+        (core.batch_prefill); a model whose cache cannot be joined runs one padded batch.
         With `shared` and one adapter for all rows, the prefix up to it is prefilled once and
         reused, as in score_tokens_batch, when every row's ids start with its ids.
         A greedy call without `shared` may share its batch with other callers' (core.batcher)."""
@@ -352,8 +358,8 @@ class ModelHub:
         entry = self.load(model_ref)
         tokenizer = entry.tokenizer
         texts = [chat_text(tokenizer, p) for p in prompts]
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         head = shared_ids(tokenizer, texts, shared) if len(set(adapters)) == 1 else None
-        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts] if head else []
         if head is not None and not all(usable(row, head, 1) for row in ids):
             logger.info("a prompt does not start with the shared prefix's tokens: generating uncached")
             head = None
@@ -363,6 +369,9 @@ class ModelHub:
             if prefix:
                 enc = batch_inputs(prefix, head, [row[len(head):] for row in ids],
                                    tokenizer.pad_token_id, entry.device, entry.model.config, full_ids=True)
+            elif joinable(entry.model.config):
+                return generate_grouped(entry.model, tokenizer, ids, entry.eos_ids, params, kwargs,
+                                        on_update, cancel, entry.device)
             else:
                 enc = encode(tokenizer, prompts, entry.device)
             return generate_batch(entry.model, entry.tokenizer, enc, entry.eos_ids, params, kwargs,

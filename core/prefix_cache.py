@@ -67,13 +67,18 @@ def usable(ids: list[int], head: list[int], min_suffix: int) -> bool:
     return len(ids) - len(head) >= min_suffix and ids[:len(head)] == head
 
 
+def plain_layers(cache: DynamicCache) -> bool:
+    """Whether every layer of this cache is plain full attention (states that simply extend)."""
+    return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
 def prefill(model: Any, ids: list[int], device: torch.device, model_kwargs: dict[str, Any]) -> KV | None:
     """The prefix's states from one forward pass, or None when the model's cache has layers
     that are not plain full attention (their states cannot simply be extended)."""
     cache = DynamicCache(config=model.config)
     model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True,
           logits_to_keep=1, **model_kwargs)
-    if not cache.layers or not all(type(layer) is DynamicLayer for layer in cache.layers):
+    if not plain_layers(cache):
         return None
     return tuple((layer.keys, layer.values) for layer in cache.layers)
 

@@ -2,7 +2,9 @@
 
 Retrieval runs once; every RAG system gets the same prompt built from those chunks, every non-RAG
 system the same prompt without them, and all share one set of decoding parameters. Local systems
-on one base model are answered in ONE batched generate call with per-row adapters; OpenAI-compatible
+on one base model are answered as one batch with per-row adapters: prompts of similar length are
+prefilled together, shortest (closed-book) first, so those columns start streaming before the long
+RAG prompts are read, and then every row decodes together (core.batch_prefill). OpenAI-compatible
 systems run concurrently beside it. A failing system (unknown adapter, unreachable server) shows its
 error in its own column while the others answer.
 """

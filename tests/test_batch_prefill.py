@@ -1,0 +1,121 @@
+"""Grouped prefill (core.batch_prefill, generate_grouped) on a tiny random Llama with two random
+LoRA adapters: no weights are read, so these run in the fast suite. Greedy answers of a mixed batch
+must equal each row answered alone, and the short prompts' first tokens must come first."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from core.batch_prefill import distinct_rows, joinable, length_groups
+from core.generation import GenParams, generate_batch, generate_grouped
+from core.systems import BASE
+
+VOCAB, PAD = 96, 0
+
+
+class Tokens:
+    """A stand-in tokenizer: a text is its ids, space-separated."""
+
+    pad_token_id = PAD
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=PAD))
+    lora = dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(base, LoraConfig(**lora), adapter_name="a1")
+    peft_model.add_adapter("a2", LoraConfig(**lora))
+    return peft_model.eval()
+
+
+def prompts(lengths, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def alone(model, ids, adapter, eos, params):
+    enc = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones((1, len(ids)), dtype=torch.long)}
+    return generate_batch(model, Tokens(), enc, eos, params, {"adapter_names": [adapter]}, None,
+                          threading.Event())[0]
+
+
+def test_length_groups_pad_little_and_put_short_prompts_first():
+    assert length_groups([600, 40, 620, 41]) == [[1, 3], [0, 2]]
+    assert length_groups([10, 10, 10]) == [[0, 1, 2]]
+    assert length_groups([10, 20]) == [[0], [1]]
+    assert length_groups([]) == []
+
+
+def test_distinct_rows_share_a_prefill_only_for_the_same_prompt_and_adapter():
+    ids = [[1, 2], [1, 2], [1, 2], [3]]
+    assert distinct_rows(ids, {"adapter_names": [BASE, BASE, "a1", BASE]}) == [0, 0, 2, 3]
+    assert distinct_rows(ids, {}) == [0, 0, 0, 3]
+
+
+def test_grouped_batch_answers_each_row_as_alone_and_short_rows_first(model):
+    ids = prompts([5, 40, 5, 38, 12, 40])
+    ids[2] = ids[0]  # the same prompt under another adapter, and one exact duplicate row
+    ids[5] = ids[1]
+    adapters = [BASE, BASE, "a1", "a2", "a1", BASE]
+    params = GenParams(max_new_tokens=6)
+    snapshots = []
+    got = generate_grouped(model, Tokens(), ids, [], params, {"adapter_names": adapters},
+                           snapshots.append, threading.Event(), torch.device("cpu"))
+    expected = [alone(model, row, a, [], params) for row, a in zip(ids, adapters)]
+    assert [g.text for g in got] == [e.text for e in expected]
+    assert all(g.new_tokens == 6 and g.prompt_tokens == len(row) for g, row in zip(got, ids))
+    # The first update comes from the short prompts' prefill, before the long ones are read.
+    assert [bool(t) for t in snapshots[0]] == [True, False, True, False, False, False]
+    assert max(got[i].first_token_seconds for i in (0, 2)) < min(got[i].first_token_seconds
+                                                                 for i in (1, 3, 5))
+
+
+def test_a_row_ending_at_its_first_token_stops_there_and_the_rest_go_on(model):
+    ids = prompts([6, 30, 31], seed=2)
+    adapters = [BASE, "a1", BASE]
+    params = GenParams(max_new_tokens=5)
+    eos = [int(alone(model, ids[0], BASE, [], GenParams(max_new_tokens=1)).text)]
+    got = generate_grouped(model, Tokens(), ids, eos, params, {"adapter_names": adapters}, None,
+                           threading.Event(), torch.device("cpu"))
+    expected = [alone(model, row, a, eos, params) for row, a in zip(ids, adapters)]
+    assert got[0].new_tokens == 1 and got[0].text == str(eos[0])
+    assert [(g.text, g.new_tokens) for g in got] == [(e.text, e.new_tokens) for e in expected]
+
+
+def test_seeded_sampling_repeats(model):
+    ids = prompts([7, 33], seed=3)
+    params = GenParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5)
+
+    def run():
+        return [g.text for g in generate_grouped(model, Tokens(), ids, [], params,
+                                                 {"adapter_names": [BASE, "a2"]}, None,
+                                                 threading.Event(), torch.device("cpu"))]
+    assert run() == run()
+
+
+def test_a_cancelled_batch_stops_after_its_first_group(model):
+    cancel = threading.Event()
+    got = generate_grouped(model, Tokens(), prompts([4, 30]), [], GenParams(max_new_tokens=8),
+                           {"adapter_names": [BASE, BASE]}, lambda texts: cancel.set(), cancel,
+                           torch.device("cpu"))
+    assert [g.new_tokens for g in got] == [1, 0]
+
+
+def test_only_plain_attention_caches_are_joined(model):
+    from transformers import MistralConfig
+
+    assert joinable(model.config)
+    assert not joinable(MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      sliding_window=16))
