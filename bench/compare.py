@@ -75,9 +75,9 @@ def prefills_alone(prompts):
 
 
 def rounds(cases: dict, repeats: int) -> dict[str, dict]:
-    """Median wall and CPU seconds per case and its last result; cases take turns in every round
-    (one warm-up round first), so a change in background load hits all of them alike."""
-    out = {label: {"wall": [], "cpu": [], "result": fn()} for label, fn in cases.items()}
+    """Median wall and CPU seconds per case and its last result; cases take turns in every round,
+    so a change in background load hits all of them alike."""
+    out: dict[str, dict] = {label: {"wall": [], "cpu": []} for label in cases}
     for _ in range(repeats):
         for label, fn in cases.items():
             wall, cpu = time.perf_counter(), time.process_time()
@@ -110,6 +110,7 @@ def main() -> None:
     tokenizer = hub.load(SMOLLM2).tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         hub.load_adapter(SMOLLM2, str(make_adapters(Path(tmp), 1)[0]), "tuned")
+        run(question, GRID, GenParams(max_new_tokens=2), spec, index, docs)  # warm-up
         load = os.getloadavg()[0]
         res = rounds({
             "2x2 batch (grouped prefill)": lambda: run(question, GRID, params, spec, index, docs),

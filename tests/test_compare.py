@@ -49,14 +49,18 @@ def test_two_by_two_answers_each_system_with_its_own_adapter(nq_index, adapter_p
     assert state.documents and "Frankenstein" in state.documents[0].content
     assert state.rag_messages == build_prompt(spec, QUESTION, state.documents)
     assert state.plain_messages == closed_book_messages(QUESTION)
-    # Base columns are the plain model's answers to the same prompts; adapter columns differ.
-    plain = get_hub().generate(SMOLLM2, [state.plain_messages, state.rag_messages],
-                               [BASE, BASE], PARAMS)
-    base_plain, base_rag, ad_plain, ad_rag = [c.text for c in state.columns]
-    assert [base_plain, base_rag] == [g.text for g in plain]
+    # Every column is its system's greedy answer alone; adapter columns differ from base ones.
+    alone = [get_hub().generate(SMOLLM2, [state.rag_messages if s.rag else state.plain_messages],
+                                [s.adapter], PARAMS)[0].text for s in systems]
+    assert [c.text for c in state.columns] == alone
+    base_plain, base_rag, ad_plain, ad_rag = alone
     assert ad_plain != base_plain and ad_rag != base_rag
     assert all(c.new_tokens and c.seconds > 0 and c.first_token_seconds <= c.seconds
                for c in state.columns)
+    # The short closed-book prompts were prefilled first: their first tokens came before the
+    # RAG prompts were read (the batch is prefilled group by group, shortest first).
+    closed, rag = state.columns[0::2], state.columns[1::2]
+    assert max(c.first_token_seconds for c in closed) < min(c.first_token_seconds for c in rag)
 
 
 def test_streaming_yields_growing_text_before_the_end(adapter_paths):
