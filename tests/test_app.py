@@ -226,7 +226,7 @@ def test_evaluation_run_summary_export_and_read_only_sql(client):
     assert "**done**" in state, state
     row = dict(zip(summary["headers"], summary["data"][0]))
     assert row["n"] == 2 and 1 <= row["mean"] <= 5
-    panel, = json.loads(chart["plot"])["hconcat"]  # ui.charts.evaluation_summary: one metric
+    panel, = json.loads(chart["plot"])["hconcat"]  # core.charts.evaluation_summary: one metric
     assert panel["title"] == "accuracy (1-5)"
     table, _ = client.predict(f"SELECT avg(score) AS m, count(*) AS n FROM judgments "
                               f"WHERE run_id = '{run_id}'", api_name="/sql")
@@ -271,7 +271,7 @@ def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_pa
             break
         time.sleep(2)
     assert "**done**" in text, text
-    plotted = json.loads(chart["plot"])  # gr.Plot: the Vega-Lite spec of ui.charts.loss
+    plotted = json.loads(chart["plot"])  # gr.Plot: the Vega-Lite spec of core.charts.loss
     curves = [row["curve"] for rows in plotted["datasets"].values() for row in rows]
     assert curves.count("train") == 2 and "validation" in curves  # live points, 2 steps
     ui_row = client.predict("ui-tiny", api_name="/adapter_details")

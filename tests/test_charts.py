@@ -6,10 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from core import charts
 from core.store import Store
 from core.systems import System
 from jobs.evaluations import Evaluations
-from ui import charts
 
 BASE, TUNED = "m (base) · no RAG", "ft · RAG"
 SUMMARY = [

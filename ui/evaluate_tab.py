@@ -5,13 +5,13 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from core import charts
 from core import config
 from core.geval import BUILTIN
 from core.systems import BASE, System
 from core.schema import InputError
 from jobs.evaluate import KIND, EvalSpec, JudgeSpec
 from jobs.services import Services
-from ui import charts
 from ui.common import (START_JOB, STATS, follow_job, job_status, on_show, user_errors,
                        visitor)
 from ui.keys import KeyRing, remember

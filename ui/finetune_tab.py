@@ -7,12 +7,12 @@ import logging
 import gradio as gr
 import pandas as pd
 
+from core import charts
 from core import config
 from core.secrets import Secret
 from jobs.adapters import KIND
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
-from ui import charts
 from ui.common import (START_JOB, fmt_seconds, follow_job, job_status, on_show, user_errors,
                        visitor)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
+from core import charts
 from core import config
 from jobs.indexes import KIND
 from jobs.runner import TERMINAL
@@ -11,7 +12,6 @@ from jobs.services import Services
 from pipelines import spec as pspec
 from pipelines.graph import pipeline_mermaid
 from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
-from ui import charts
 from ui.common import (INDEX, STATS, fmt_seconds, follow_job, job_status, on_show, user_errors,
                        visitor)
 from ui.tables import CHUNK_COLUMNS, chunks_table

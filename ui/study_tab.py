@@ -12,14 +12,14 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from core import charts
 from core.records import JobRecord
-from jobs.evaluations import score_ranges
 from jobs.runner import TERMINAL
 from jobs.services import Services
 from jobs.study import KIND, StudyPlan, StudySpec, StudySpecError
 from jobs.study.plan import Step
+from jobs.study.report import figure_rows
 from jobs.study.spec import parse_spec, shipped_spec_text, shipped_specs
-from ui import charts
 from ui.common import START_JOB, follow_job, job_status, on_show, user_errors, visitor
 
 GRID_COLUMNS = ["dataset", "model", "pairs", "seed", "index", "fine-tune", "evaluation"]
@@ -74,22 +74,6 @@ def grid_frame(plan: StudyPlan, jobs: dict[str, JobRecord],
                              "index": status(index), "fine-tune": status(tune),
                              "evaluation": status(evaluation)})
     return pd.DataFrame(rows, columns=GRID_COLUMNS)
-
-
-def figure_rows(spec: StudySpec, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The study's report rows as charts.study draws them: a facet row per dataset (and model,
-    and fine-tune seed, where the study has several: the base model is repeated beside each
-    seed's adapters), a column per training-set size, the metrics' own score ranges."""
-    ranges = score_ranges({"metrics": spec.evaluation.to_dict()["metrics"]})
-    several_models, seeds = len(spec.base_models) > 1, spec.finetune_seeds
-    out = []
-    for row in rows:
-        for seed in (seeds if len(seeds) > 1 and row["adapter"] is None else [row["seed"]]):
-            label = row["dataset"] + (f" · {row['model']}" if several_models else "")
-            label += f" · seed {seed}" if len(seeds) > 1 else ""
-            out.append({**row, **ranges.get(row["metric"], {}), "dataset": label,
-                        "n_train": row["size"], "run": row["run_id"]})
-    return out
 
 
 def verdict_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -11,15 +11,19 @@ evaluation from its stored answers and judgments) and joins one still running.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 from core import config
+from core.names import inside
 from core.records import JobRecord
 from core.testhooks import gate
 from jobs.evaluate import EvalSpec
 from jobs.finetune_data import FinetuneSpec
 from jobs.runner import TERMINAL, JobCancelled, JobContext, JobError
+from jobs.study.export import check_format, write_report
 from jobs.study.plan import StudyPlan, StudyResources, Step, latest_job, plan_study, step_jobs
 from jobs.study.report import markdown, report_rows
 from jobs.study.spec import KIND, StudySpec, StudySpecError, content_key
@@ -85,13 +89,13 @@ class Studies:
         plan = self.plan(spec)
         return markdown(plan, report_rows(self.res, plan))
 
-    def export(self, spec: StudySpec) -> Path:
-        """The report as a file in the data dir's exports, named by the study and its content
-        (two visitors' specs never share a file). Markdown today: the one place a richer export
-        (HTML with the charts as images) plugs in."""
-        path = config.subdir("exports") / f"study-{spec.name}-{content_key(spec.to_dict())}.md"
-        path.write_text(self.report(spec), encoding="utf-8")
-        return path
+    def export(self, spec: StudySpec, fmt: str = "md") -> Path:
+        """The report with its figure as a file in the data dir's exports, named by the study and
+        its content (two visitors' specs never share a file): fmt "md", or "html" (one
+        self-contained page, the figure embedded as a PNG)."""
+        name = f"study-{spec.name}-{content_key(spec.to_dict())}.{check_format(fmt)}"
+        plan = self.plan(spec)
+        return write_report(plan, report_rows(self.res, plan), fmt, inside(config.subdir("exports"), name))
 
     def run_job(self, ctx: JobContext) -> dict[str, Any]:
         """The runner's entry point for kind "study"."""
@@ -104,9 +108,11 @@ class Studies:
 
 
 def run_study(ctx: JobContext, res: StudyResources, spec: StudySpec) -> dict[str, Any]:
+    """Runs the steps still to do; the result holds each run step's wall and CPU seconds (this
+    attempt's: a resumed study times only what it ran) and their sums per step kind."""
     plan = plan_study(spec, res)
     ctx.log(plan.describe())
-    total, jobs = len(plan.steps), {}
+    total, jobs, times = len(plan.steps), {}, []
     for number, step in enumerate(plan.steps):
         ctx.progress(number / total, f"step {number + 1}/{total}: {step.label}")
         if step.done:
@@ -114,15 +120,39 @@ def run_study(ctx: JobContext, res: StudyResources, spec: StudySpec) -> dict[str
             continue
         gate(f"study-{step.kind}")  # tests stop the study before a step starts (core.testhooks)
         ctx.check_cancelled()  # a study cancelled between steps starts no further job
+        wall, cpu = time.perf_counter(), _cpu_seconds()
         job_id = _start_or_join(res, step)
         ctx.log(f"{step.label}: job {job_id}")
         _wait(ctx, res, job_id, step, number, total)
         jobs[step.key] = job_id
+        times.append({"kind": step.kind, "key": step.key,
+                      "wall_s": round(time.perf_counter() - wall, 3),
+                      "cpu_s": round(_cpu_seconds() - cpu, 3)})
+        ctx.metric(**times[-1])
+        ctx.log(f"{step.label}: {times[-1]['wall_s']:.1f} s wall, {times[-1]['cpu_s']:.1f} s CPU")
     ctx.progress(1.0, "done")
     done = sum(s.done for s in plan.steps)
     logger.info("study %s finished: %d steps run, %d reused", spec.name, len(jobs), done)
     return {"study": spec.name, "steps": total, "reused": done, "jobs": jobs,
-            "counts": plan.counts}
+            "counts": plan.counts, "step_times": times, "seconds_by_kind": _by_kind(times)}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all its threads: the index and evaluation jobs run here) and
+    of its finished children (a fine-tune runs in a child, reaped when its job ends). Other jobs
+    this process runs at the same time are counted too: time a study on an otherwise idle app."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _by_kind(times: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for entry in times:
+        kind = out.setdefault(entry["kind"], {"steps": 0, "wall_s": 0.0, "cpu_s": 0.0})
+        kind["steps"] += 1
+        kind["wall_s"] = round(kind["wall_s"] + entry["wall_s"], 3)
+        kind["cpu_s"] = round(kind["cpu_s"] + entry["cpu_s"], 3)
+    return out
 
 
 def _start_or_join(res: StudyResources, step: Step) -> str:

@@ -1,6 +1,7 @@
-"""The app's charts as Vega-Altair specs (gr.Plot renders them): pure functions from service rows
-or pandas DataFrames to charts, no SQL and no models, so any tab (or a future study page) can draw
-them and tests can read their specs (chart.to_dict()).
+"""The app's charts as Vega-Altair specs: gr.Plot renders them in the tabs, the study report
+(jobs.study.export) embeds them as PNG. Pure functions from service rows or pandas DataFrames to
+charts, no SQL, no models and no Gradio, so any tab or report can draw them and tests can read
+their specs (chart.to_dict()).
 
 Every chart has titled axes and legends; scores sit on the metric's own fixed range (1-5 for the
 built-in metrics; a user metric's rows carry score_min/score_max), bars start at the lowest score
