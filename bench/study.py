@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = sum(t["wall_s"] for t in result.get("step_times", []))
     print(f"{'all steps':<10} {len(result.get('step_times', [])):>5} {steps:>9.1f}")
     if plan.seconds:
-        print(f"planner's estimate {plan.seconds:.0f} s: estimated / measured = "
+        default = f" (default rates for {', '.join(plan.unmeasured)})" if plan.unmeasured else ""
+        print(f"planner's estimate{default} {plan.seconds:.0f} s: estimated / measured = "
               f"{plan.seconds / wall:.2f}")
     return 0
 
