@@ -159,4 +159,4 @@ def test_every_study_action_is_a_named_endpoint_with_named_parameters(services):
     assert parameters == {"/study_spec": ["name"], "/study_plan": ["spec_json"],
                           "/start_study": ["spec_json"], "/study_status": ["job_id"],
                           "/cancel_study": ["job_id"], "/resume_study": ["spec_json"],
-                          "/study_report": ["spec_json"]}
+                          "/study_report": ["spec_json", "fmt"]}

@@ -144,8 +144,10 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     verdicts = gr.Dataframe(label="Paired differences to the base model (bootstrap 95% CI) and "
                             "verdicts", interactive=False, wrap=True)
     with gr.Row():
+        report_fmt = gr.Radio([("HTML page (figure embedded)", "html"), ("Markdown", "md")],
+                              value="html", label="Report format")
         report_btn = gr.Button("Download report")
-        report_file = gr.File(label="Report (Markdown)", interactive=False)
+        report_file = gr.File(label="Report", interactive=False)
 
     @user_errors
     def do_plan(spec_json):
@@ -199,8 +201,8 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
         return text, cells, charts.study(figure_rows(spec, rows)), verdict_frame(rows), drawn
 
     @user_errors
-    def do_report(spec_json):
-        return str(studies.export(spec_of(spec_json)))
+    def do_report(spec_json, fmt="md"):
+        return str(studies.export(spec_of(spec_json), fmt))
 
     def show_shipped(name):
         return shipped_spec_text(name) if name else gr.skip()
@@ -222,7 +224,8 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     job_box.change(study_status, inputs=job_box, outputs=watched, api_name="study_status")
     gr.Timer(3.0).tick(watch, inputs=[job_box, seen], outputs=watched, api_name=False,
                        show_progress="hidden")
-    report_btn.click(do_report, inputs=spec_box, outputs=report_file, api_name="study_report")
+    report_btn.click(do_report, inputs=[spec_box, report_fmt], outputs=report_file,
+                     api_name="study_report")
 
     def show(current_job):
         return (follow_job(services.jobs, KIND, current_job),
