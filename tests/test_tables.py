@@ -76,3 +76,34 @@ def test_run_comparison_rounds_and_joins_the_interval():
 def test_preview_shows_split_and_answer_before_the_id():
     row = {"id": "x", "question": "q", "answer": "a", "n_contexts": 1, "split": "eval"}
     assert list(tables.preview_table([row]).columns[:3]) == ["split", "question", "answer"]
+
+
+def test_a_table_of_blank_cells_counts_as_empty():
+    from ui.common import has_rows
+    assert not has_rows(None) and not has_rows(pd.DataFrame(columns=["a"]))
+    assert not has_rows(pd.DataFrame([["", None]], columns=["a", "b"]))
+    assert has_rows(pd.DataFrame([["", 0]], columns=["a", "b"]))
+
+
+def test_vote_buttons_name_the_two_systems():
+    from core.systems import System
+    from ui.compare_tab import CHOICES, vote_labels
+    columns = [SimpleNamespace(system=System(rag=True)),
+               SimpleNamespace(system=System(adapter="tuned"))]
+    assert vote_labels(columns, 1, 2) == ["A: base + RAG is better", "B: tuned is better",
+                                          "tie", "all bad"]
+    assert vote_labels([], 1, 2) == CHOICES
+
+
+def test_adapter_details_read_as_sentences_not_json():
+    from ui.finetune_tab import adapter_markdown
+    spec = {"base_model": "m", "dataset": "nq", "source": "sample", "n_train": 8, "context": "none",
+            "lora_r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": ["q_proj"],
+            "epochs": 1, "lr": 0.005, "lr_schedule": "constant", "micro_batch_size": 4,
+            "grad_accum": 1, "max_length": 256, "seed": 0}
+    metrics = {"n_train": 8, "steps": 2, "final_train_loss": 1.23456, "final_val_loss": 2.5,
+               "train_tokens_per_s": 512.4, "wall_seconds": 75}
+    text = adapter_markdown("tiny", spec, metrics, "/data/adapters/tiny")
+    assert "8 training pairs" in text and "LoRA r 8, alpha 16.0" in text and "{" not in text
+    assert "final loss: train 1.235, validation 2.5 · 512 tokens/s · wall 1m15s" in text
+    assert adapter_markdown("tiny", spec, {}, "f").count("\n\n") == 3  # no results line yet

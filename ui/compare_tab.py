@@ -134,7 +134,7 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         out += [gr.update(value="", visible=False)] * (MAX_SYSTEMS - n)
         out += [c.stats for c in state.columns] + [""] * (MAX_SYSTEMS - n)
         record = state if final else None
-        numbers = [(f"{i}. {c.system.label}", i) for i, c in enumerate(state.columns, start=1)]
+        numbers = [(f"{i}. {short_name(c.system)}", i) for i, c in enumerate(state.columns, 1)]
         out += [record,
                 gr.update(choices=numbers, value=1, interactive=final and n > 1),
                 gr.update(choices=numbers, value=min(2, n), interactive=final and n > 1)]

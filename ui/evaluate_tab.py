@@ -47,7 +47,8 @@ def runs_choices(services: Services) -> list[tuple[str, str]]:
 # Widths for a 1280 px screen: labels and intervals get room, counts stay narrow.
 SUMMARY_WIDTHS = ["22%", "10%", "5%", "7%", "12%", "7%", "12%", "13%", "6%", "6%"]
 ITEM_WIDTHS = ["16%", "9%", "6%", "25%", "18%", "18%", "8%"]
-NO_RUN = "Choose a run above (or start one) to see its summary: mean, interval and difference to the base."
+NO_RUN = ("Choose a run above (or start one) to see its summary: the mean, its interval and the "
+          "difference to the base system.")
 
 
 def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> None:
@@ -213,8 +214,8 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         rows = services.evaluations.compare(a, b, n_boot=1000)
         if rows:
             return gr.update(value=tables.run_comparison(rows), label="Run B − run A")
-        listed = tables.run_systems({"A": services.evaluations.items(a),
-                                     "B": services.evaluations.items(b)})
+        listed = tables.run_systems({f"A: {a}": services.evaluations.items(a),
+                                     f"B: {b}": services.evaluations.items(b)})
         return gr.update(value=listed, label="Nothing to compare: the runs have no system and "
                          "metric in common. What each run scored:")
 

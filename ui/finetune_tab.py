@@ -47,7 +47,8 @@ def adapters_table(services: Services) -> pd.DataFrame:
     for a in services.adapters.rows():
         m, s = a.metrics or {}, a.spec or {}
         rows.append({"name": a.name, "base_model": a.base_model, "n_train": m.get("n_train"),
-                     "context": s.get("context", ""), "final_train_loss": _loss(m.get("final_train_loss")),
+                     "context": s.get("context", ""),
+                     "final_train_loss": _loss(m.get("final_train_loss")),
                      "final_val_loss": _loss(m.get("final_val_loss")), "steps": m.get("steps"),
                      "tokens/s": round(m["train_tokens_per_s"]) if m.get("train_tokens_per_s")
                      else None, "wall": fmt_seconds(m.get("wall_seconds")),
@@ -63,13 +64,14 @@ def adapter_markdown(name: str, spec: dict, metrics: dict, folder: str) -> str:
     """An adapter's spec and results as a few readable lines (the JSON stays one click away)."""
     s, m = spec or {}, metrics or {}
     modules = ", ".join(s.get("target_modules") or [])
+    pairs = m.get("n_train", s.get("n_train", "?"))
     lines = [f"#### {name}",
              f"Base model `{s.get('base_model', '?')}` · dataset `{s.get('dataset', '?')}` "
-             f"({s.get('source', '?')}) · {m.get('n_train', s.get('n_train', '?'))} training pairs "
-             f"· context {s.get('context', '?')}",
+             f"({s.get('source', '?')}) · {pairs} training pairs · context "
+             f"{s.get('context', '?')}",
              f"LoRA r {s.get('lora_r', '?')}, alpha {s.get('lora_alpha', '?')}, dropout "
-             f"{s.get('lora_dropout', '?')} on {modules or '?'} · {s.get('epochs', '?')} epochs · "
-             f"lr {s.get('lr', '?')} ({s.get('lr_schedule', '?')}) · batch "
+             f"{s.get('lora_dropout', '?')} on {modules or '?'} · {s.get('epochs', '?')} "
+             f"epochs · lr {s.get('lr', '?')} ({s.get('lr_schedule', '?')}) · batch "
              f"{s.get('micro_batch_size', '?')} × {s.get('grad_accum', '?')} · max length "
              f"{s.get('max_length', '?')} · seed {s.get('seed', '?')}"]
     if m:
