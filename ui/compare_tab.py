@@ -9,7 +9,7 @@ from core.systems import BASE
 from jobs.services import Services
 from core.systems import System
 from pipelines.compare import MAX_SYSTEMS, Comparison, compare
-from ui.common import GENERATE, on_show, user_errors
+from ui.common import GENERATE, empty_note, on_show, user_errors
 from ui.keys import KeyRing, remember
 from ui.served import listing
 from ui.tables import chunks_table
@@ -78,6 +78,8 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         list_models = gr.Button("List server models (each becomes a 'served:' system)")
         served_table = gr.Dataframe(label="Served models (vLLM lists each LoRA adapter with its "
                                     "base model as parent)", interactive=False)
+        empty_note(served_table, "Give the server's base URL above and click the button to "
+                   "list its models.")
         served = gr.State([])
     with gr.Accordion("Decoding (shared by every system)", open=False):
         with gr.Row():

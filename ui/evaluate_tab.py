@@ -83,6 +83,8 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
                                         type="password")
             list_models = gr.Button("List server models (adds each to the systems)")
             served_table = gr.Dataframe(label="Served models", interactive=False)
+            empty_note(served_table, "Give the server's base URL and click the button to list "
+                       "its models.")
             served = gr.State({})
         with gr.Row():
             judge_kind = gr.Radio(["local", "openai"], value="local", label="Judge")
