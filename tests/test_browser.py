@@ -194,10 +194,10 @@ def test_evaluate_summary_shows_diff_at_1280_px_and_the_chart_groups_bars(page):
     page.get_by_label("RAG pipeline (for RAG systems)").click()
     page.get_by_role("option", name="bioasq-hybrid", exact=True).click()
     systems = page.get_by_label("Systems (base model or adapter, with or without RAG)")
-    labels = (f"{BASE} · no RAG", f"{BASE} · RAG bioasq-hybrid")
-    for label in labels:
+    for choice in (f"{BASE} · no RAG", f"{BASE} · RAG"):
         systems.click()
-        page.get_by_role("option", name=label, exact=True).click()
+        page.get_by_role("option", name=choice, exact=True).click()
+    labels = (f"{BASE} · no RAG", f"{BASE} · RAG bioasq-hybrid")  # a run names its pipeline
     assert not page.get_by_label("Samples (sampling)").is_visible()  # logprobs: no samples
     page.get_by_role("button", name="Start evaluation").click()
     page.get_by_text("Started run").wait_for(timeout=60_000)
@@ -228,7 +228,7 @@ def test_screenshot_of_every_tab(page, shots, tab):
     page.wait_for_timeout(500)  # let the tab's on-show refresh paint (no assertion rests on it)
     focus = {"Fine-tune": page.get_by_label("Job", exact=True),
              "RAG": page.get_by_label("Try a query"),
-             "Evaluate": page.locator("#eval-summary")}.get(tab)
+             "Evaluate": page.get_by_label("Run", exact=True)}.get(tab)
     if focus is not None:
         focus.evaluate("el => el.scrollIntoView({block: 'start'})")
     path = shots / f"tab-{tab.lower()}.png"
