@@ -15,13 +15,14 @@ import pytest
 from core.testhooks import GATE_ENV
 from tests.app_server import running_app
 from tests.gates import Gate
+from tests.test_study import TINY
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 WIDTH, HEIGHT = 1280, 800
-TABS = ["Data", "Fine-tune", "RAG", "Compare", "Evaluate", "Jobs"]
+TABS = ["Data", "Fine-tune", "RAG", "Compare", "Evaluate", "Study", "Jobs"]
 BASE = "smollm2-135m-instruct (base)"
 # The page's own copy of every server message (Gradio streams them over fetch): a test reads the
 # Vega-Lite spec a gr.Plot received from here, not from pixels.
@@ -197,6 +198,29 @@ def test_build_an_index_retrieve_and_see_the_graph(page):
     # The Mermaid graph is rendered in the page (an SVG), not left as text.
     graph = page.wait_for_selector("svg[id^='mermaid']", state="attached", timeout=30_000)
     assert "bm25_retriever" in graph.inner_html()
+
+
+def test_plan_start_watch_and_cancel_a_study(page, gates):
+    """The tiny spec typed into the spec box, planned, started and held (a test gate) before
+    its first step: the grid shows its cells queued while the study runs, then cancelled."""
+    page.get_by_role("tab", name="Study").click()
+    editor = page.locator(".cm-content").filter(has_text='"name"').first
+    editor.fill(json.dumps(TINY))
+    page.get_by_role("button", name="Plan", exact=True).click()
+    page.get_by_text("4 steps (0 already done)").wait_for(timeout=60_000)
+    assert page.get_by_role("gridcell", name="to do").count() == 6  # 2 cells x 3 steps
+    index = Gate(gates, "study-index").arm()
+    page.get_by_role("button", name="Start study", exact=True).click()
+    index.wait_reached(timeout=60)
+    page.get_by_text("step 1/4: index sample:nq").wait_for(timeout=30_000)
+    page.get_by_role("gridcell", name="queued").first.wait_for(timeout=30_000)
+    assert page.get_by_role("gridcell", name="queued").count() == 6  # nothing has started yet
+    assert page.locator(".vega-embed").count() >= 1  # the figure (empty until a run finishes)
+    page.get_by_role("button", name="Cancel", exact=True).click()
+    page.get_by_text("Cancel requested").wait_for(timeout=30_000)
+    index.release()
+    page.get_by_text("cancelled").first.wait_for(timeout=60_000)
+    page.get_by_role("gridcell", name="not run").first.wait_for(timeout=30_000)
 
 
 def test_evaluate_summary_shows_diff_at_1280_px_and_the_chart_groups_bars(page):
