@@ -148,7 +148,7 @@ def test_a_reload_during_a_finetune_shows_its_progress_and_loss_chart(page, gate
     finally:
         page.get_by_role("button", name="Cancel", exact=True).filter(visible=True).click()
         after_step_1.release()
-    page.get_by_text("cancelled").first.wait_for(timeout=60_000)
+    page.get_by_text("cancelled").filter(visible=True).first.wait_for(timeout=60_000)
 
 
 def test_type_a_question_click_compare_and_see_both_columns_fill(page):
@@ -219,7 +219,7 @@ def test_plan_start_watch_and_cancel_a_study(page, gates):
     page.get_by_role("button", name="Cancel", exact=True).click()
     page.get_by_text("Cancel requested").wait_for(timeout=30_000)
     index.release()
-    page.get_by_text("cancelled").first.wait_for(timeout=60_000)
+    page.get_by_text("cancelled").filter(visible=True).first.wait_for(timeout=60_000)
     page.get_by_role("gridcell", name="not run").first.wait_for(timeout=30_000)
 
 
