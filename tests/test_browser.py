@@ -1,6 +1,14 @@
-"""A person's flows in a real headless chromium (Debian's package, driven by playwright)."""
+"""A person's flows in a real headless chromium (Debian's package, driven by playwright).
+
+One app and one page serve the whole module; the tests run in file order and build on each other
+(the RAG test's index is the Evaluate test's pipeline), and the last one photographs every tab.
+Screenshots go to SCREENSHOT_DIR (default: the module's tmp dir); `make screenshots` writes them
+to docs/ for the README."""
 import json
+import os
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +21,31 @@ pytestmark = [pytest.mark.browser, pytest.mark.integration]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+WIDTH, HEIGHT = 1280, 800
+TABS = ["Data", "Fine-tune", "RAG", "Compare", "Evaluate", "Study", "Jobs"]
+BASE = "smollm2-135m-instruct (base)"
+# The page's own copy of every server message (Gradio streams them over fetch): a test reads the
+# Vega-Lite spec a gr.Plot received from here, not from pixels.
+RECORD_MESSAGES = """
+window.__messages = [];
+const plainFetch = window.fetch;
+window.fetch = async (...args) => {
+  const response = await plainFetch(...args);
+  const url = String(args[0] && args[0].url ? args[0].url : args[0]);
+  if (url.includes("queue/data") && response.body) {
+    const reader = response.clone().body.getReader();
+    const decoder = new TextDecoder();
+    (async () => {
+      for (;;) {
+        const {done, value} = await reader.read();
+        if (done) break;
+        window.__messages.push(decoder.decode(value, {stream: true}));
+      }
+    })();
+  }
+  return response;
+};
+"""
 
 
 @pytest.fixture(scope="module")
@@ -21,16 +54,101 @@ def gates(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    folder = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def page(tmp_path_factory, gates):
     from playwright.sync_api import sync_playwright
     with running_app(tmp_path_factory.mktemp("browser-data"), env={GATE_ENV: str(gates)}) as url:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            pg = browser.new_page(viewport={"width": 1280, "height": 900})
+            pg = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
+            pg.add_init_script(RECORD_MESSAGES)
             pg.goto(url)
             pg.get_by_role("tab", name="Compare").wait_for(timeout=60_000)
             yield pg
             browser.close()
+
+
+def plots(page) -> list[dict]:
+    """Every Altair plot the page received so far, oldest first, as Vega-Lite specs."""
+    text = "".join(page.evaluate("window.__messages"))
+    found = []
+    for line in text.splitlines():
+        if line.startswith("data:") and '"altair"' in line:
+            found += list(altair_specs(json.loads(line[5:])))
+    return found
+
+
+def altair_specs(node):
+    if isinstance(node, dict):
+        if node.get("type") == "altair" and isinstance(node.get("plot"), str):
+            yield json.loads(node["plot"])
+        for value in node.values():
+            yield from altair_specs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from altair_specs(value)
+
+
+# The grid also keeps hidden copies of its cells for measuring: only a shown one counts.
+SHOWN_RECTS = """(root, text) => [...root.querySelectorAll('th, [role=columnheader]')]
+  .filter(el => el.innerText.trim() === text)
+  .map(el => el.getBoundingClientRect())
+  .filter(r => r.width > 0 && r.height > 0)
+  .map(r => ({x: r.x, right: r.right}))"""
+
+
+def shown_within_width(table, header: str) -> bool:
+    """Whether `table` shows the column `header` wholly inside the 1280 px viewport."""
+    rects = table.evaluate(SHOWN_RECTS, header)
+    return bool(rects) and all(0 <= r["x"] and r["right"] <= WIDTH for r in rects)
+
+
+def inside_viewport(locator) -> bool:
+    box = locator.bounding_box()
+    return box is not None and box["x"] >= 0 and box["x"] + box["width"] <= WIDTH
+
+
+def test_a_reload_during_a_finetune_shows_its_progress_and_loss_chart(page, gates):
+    """The run stands at a gate after its first step, so it is still running after the reload.
+    First in the module: a reload clears what the other tests leave on the page for the
+    screenshots (a loaded dataset, retrieved chunks, answers)."""
+    after_step_1 = Gate(gates, "finetune-step-1").arm()
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.get_by_label("Dataset (preset or file path)").click()
+    page.get_by_role("option", name="nq", exact=True).click()  # the shortest prompts
+    page.get_by_role("button", name="CPU preset").click()  # 32 pairs, one epoch
+    page.wait_for_function("el => el.value === '32'", timeout=60_000,
+                           arg=page.get_by_label("Training pairs (n_train)").element_handle())
+    page.get_by_label("Adapter name (empty: derived from the spec)").fill("browser-tiny")
+    page.get_by_role("button", name="Start fine-tuning").click()
+    job_box = page.get_by_label("Job", exact=True)
+    page.wait_for_function("el => el.value.length > 0", arg=job_box.element_handle(),
+                           timeout=60_000)
+    job_id = job_box.input_value()
+    after_step_1.wait_reached(timeout=900)
+    try:
+        page.reload()
+        page.get_by_role("tab", name="Fine-tune").click()
+        page.wait_for_function("([el, id]) => el.value === id",
+                               arg=[page.get_by_label("Job", exact=True).element_handle(), job_id],
+                               timeout=60_000)
+        page.get_by_text(re.compile(r"^running · \d+% · step 1/")).wait_for(timeout=60_000)
+        page.wait_for_function(
+            "() => window.__messages.join('').includes('loss on answer tokens')", timeout=60_000)
+        loss = [p for p in plots(page) if p.get("encoding", {}).get("y", {}).get("title")
+                == "loss on answer tokens"][-1]
+        points = [row for rows in loss["datasets"].values() for row in rows]
+        assert any(p["step"] == 1 and p["curve"] == "train" for p in points), points
+    finally:
+        page.get_by_role("button", name="Cancel", exact=True).filter(visible=True).click()
+        after_step_1.release()
+    page.get_by_text("cancelled").filter(visible=True).first.wait_for(timeout=60_000)
 
 
 def test_type_a_question_click_compare_and_see_both_columns_fill(page):
@@ -40,22 +158,33 @@ def test_type_a_question_click_compare_and_see_both_columns_fill(page):
     page.get_by_label("System 2").click()
     page.get_by_role("option", name="base", exact=True).click()
     page.get_by_role("button", name="Compare", exact=True).click()
-    first = page.get_by_label("1. smollm2-135m-instruct (base) · no RAG")
-    second = page.get_by_label("2. smollm2-135m-instruct (base) · no RAG")
+    first = page.get_by_label(f"1. {BASE} · no RAG")
+    second = page.get_by_label(f"2. {BASE} · no RAG")
     for box in (first, second):
         page.wait_for_function("el => el.value && el.value.length > 0",
-                               arg=box.element_handle(timeout=120_000), timeout=120_000)
-    page.get_by_text("tokens/s").first.wait_for(timeout=120_000)
+                               arg=box.element_handle(timeout=120_000), timeout=600_000)
+    page.get_by_text("tokens/s").first.wait_for(timeout=600_000)  # 2 shared cores: slow
     assert "1889" in first.input_value()
     assert first.input_value() == second.input_value(), "same system, same greedy answer"
     assert page.get_by_role("button", name="tie").is_enabled()
+    # The vote buttons name the systems they vote for, not "1" and "2".
+    assert page.get_by_role("button", name="A: base is better").is_enabled()
+    assert page.get_by_role("button", name="B: base is better").is_visible()
 
 
 def test_load_a_sample_and_see_the_preview(page):
     page.get_by_role("tab", name="Data").click()
+    assert not page.get_by_label("Hub dataset id").is_visible()  # only for "Any Hub dataset"
     page.get_by_role("button", name="Load dataset").click()
     page.get_by_text("QA examples").wait_for(timeout=60_000)
+    for header in ("split", "question", "answer"):
+        cell = page.get_by_role("columnheader", name=header, exact=True).filter(visible=True)
+        assert inside_viewport(cell), header
     assert page.get_by_text("train").first.is_visible()
+    page.get_by_label("Any Hub dataset").check()
+    page.get_by_label("Hub dataset id").wait_for()
+    page.get_by_label("Shipped sample").check()
+    page.get_by_label("Hub dataset id").wait_for(state="hidden")
 
 
 def test_build_an_index_retrieve_and_see_the_graph(page):
@@ -90,5 +219,56 @@ def test_plan_start_watch_and_cancel_a_study(page, gates):
     page.get_by_role("button", name="Cancel", exact=True).click()
     page.get_by_text("Cancel requested").wait_for(timeout=30_000)
     index.release()
-    page.get_by_text("cancelled").first.wait_for(timeout=60_000)
+    page.get_by_text("cancelled").filter(visible=True).first.wait_for(timeout=60_000)
     page.get_by_role("gridcell", name="not run").first.wait_for(timeout=30_000)
+
+
+def test_evaluate_summary_shows_diff_at_1280_px_and_the_chart_groups_bars(page):
+    page.get_by_role("tab", name="Evaluate").click()
+    page.get_by_label("Items (empty = all eval items)").fill("2")
+    page.get_by_label("Repeats").fill("1")
+    page.get_by_label("Max new tokens (answers)").fill("16")
+    page.get_by_label("completeness").uncheck()  # one metric keeps the run short
+    page.get_by_label("RAG pipeline (for RAG systems)").click()
+    page.get_by_role("option", name="bioasq-hybrid", exact=True).click()
+    systems = page.get_by_label("Systems (base model or adapter, with or without RAG)")
+    for choice in (f"{BASE} · no RAG", f"{BASE} · RAG"):
+        systems.click()
+        page.get_by_role("option", name=choice, exact=True).click()
+    labels = (f"{BASE} · no RAG", f"{BASE} · RAG bioasq-hybrid")  # a run names its pipeline
+    assert not page.get_by_label("Samples (sampling)").is_visible()  # logprobs: no samples
+    page.get_by_role("button", name="Start evaluation").click()
+    page.get_by_text("Started run").wait_for(timeout=60_000)
+    page.get_by_text(re.compile(r"^done · 100%")).wait_for(timeout=1_200_000)
+    summary = page.locator("#eval-summary")
+    page.wait_for_function("el => el.innerText.includes('RAG bioasq-hybrid')",
+                           arg=summary.element_handle(), timeout=60_000)
+    for header in ("diff", "diff 95% CI", "mean", "95% CI"):
+        assert shown_within_width(summary, header), header
+    # Both systems side by side on the metric's fixed 1-5 axis: never stacked.
+    page.wait_for_function("() => window.__messages.join('').includes('hconcat')",
+                           timeout=60_000)
+    chart = [p for p in plots(page) if "hconcat" in p][-1]
+    assert [panel["title"] for panel in chart["hconcat"]] == ["accuracy (1-5)"]
+    for panel in chart["hconcat"]:
+        bars = next(layer for layer in panel["layer"] if layer["mark"]["type"] == "bar")
+        assert bars["encoding"]["x"]["field"] == "system"  # one bar per system, side by side
+        assert bars["encoding"]["y"]["stack"] is None
+        assert bars["encoding"]["y"]["scale"]["domain"] == [1, 5]
+    data = [row for rows in chart["datasets"].values() for row in rows]
+    assert {row["system"] for row in data} == set(labels)
+
+
+@pytest.mark.parametrize("tab", TABS)
+def test_screenshot_of_every_tab(page, shots, tab):
+    """Each tab at 1280x800, scrolled to what it is about, as a PNG a reviewer can open."""
+    page.get_by_role("tab", name=tab).click()
+    page.wait_for_timeout(500)  # let the tab's on-show refresh paint (no assertion rests on it)
+    focus = {"Fine-tune": page.get_by_label("Job", exact=True),
+             "RAG": page.get_by_label("Try a query"),
+             "Evaluate": page.get_by_label("Run", exact=True)}.get(tab)
+    if focus is not None:
+        focus.evaluate("el => el.scrollIntoView({block: 'start'})")
+    path = shots / f"tab-{tab.lower()}.png"
+    page.screenshot(path=str(path))
+    assert path.stat().st_size > 10_000

@@ -71,6 +71,30 @@ def on_show(page: gr.Blocks, tab: gr.Tab, fn: Callable[..., Any], inputs: list,
     tab.select(fn, inputs=inputs, outputs=outputs, api_name=False, show_progress="hidden")
 
 
+def empty_note(table: gr.Dataframe, message: str) -> gr.Markdown:
+    """A line in place of `table` while it has no rows, saying what fills it (instead of a
+    header-only table). Call it right after creating the table, inside the same layout block;
+    the table is hidden until a value with rows arrives (a load, a timer or an event)."""
+    table.visible = False
+    note = gr.Markdown(f"_{message}_")
+
+    def toggle(df: Any) -> tuple[dict, dict]:
+        filled = has_rows(df)
+        return gr.update(visible=filled), gr.update(visible=not filled)
+
+    table.change(toggle, inputs=table, outputs=[table, note], api_name=False, queue=False,
+                 show_progress="hidden")
+    return note
+
+
+def has_rows(df: Any) -> bool:
+    """Whether a table's value holds a non-blank cell (Gradio sends an empty table as one blank
+    row)."""
+    if df is None or len(df) == 0:
+        return False
+    return bool(df.map(lambda v: v is not None and str(v).strip() != "").to_numpy().any())
+
+
 def follow_job(jobs: JobDesk, kind: str, current: str | None, **changes: Any) -> dict:
     """The update of a tab's job box on show (`changes`: more, e.g. choices): it keeps the id
     already there, else takes the newest running job of `kind`, so after a reload the tab

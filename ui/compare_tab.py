@@ -9,7 +9,7 @@ from core.systems import BASE
 from jobs.services import Services
 from core.systems import System
 from pipelines.compare import MAX_SYSTEMS, Comparison, compare
-from ui.common import GENERATE, on_show, user_errors
+from ui.common import GENERATE, empty_note, on_show, user_errors
 from ui.keys import KeyRing, remember
 from ui.served import listing
 from ui.tables import chunks_table
@@ -17,6 +17,22 @@ from ui.tables import chunks_table
 NONE, OPENAI = "(off)", "OpenAI-compatible"
 SERVED = "served: "  # + a model name listed by the endpoint: that model on the endpoint
 CHOICES = ["A better", "B better", "tie", "all bad"]
+
+
+def short_name(system: System) -> str:
+    """A system as a vote button names it: base, the adapter or the remote model, + RAG."""
+    who = system.model if system.kind == "openai" else (
+        "base" if system.is_base else system.adapter)
+    return who + (" + RAG" if system.rag else "")
+
+
+def vote_labels(columns: list, a: int, b: int) -> list[str]:
+    """The vote buttons' texts for columns `a` and `b` (1-based), e.g. "A: base + RAG is
+    better"; the plain choices while there is nothing to vote on."""
+    if not columns:
+        return list(CHOICES)
+    return [f"A: {short_name(columns[a - 1].system)} is better",
+            f"B: {short_name(columns[b - 1].system)} is better", *CHOICES[2:]]
 
 
 def system_choices(services: Services, model_ref: str, served: list[str] | None = None) -> list[str]:
@@ -62,6 +78,8 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         list_models = gr.Button("List server models (each becomes a 'served:' system)")
         served_table = gr.Dataframe(label="Served models (vLLM lists each LoRA adapter with its "
                                     "base model as parent)", interactive=False)
+        empty_note(served_table, "Give the server's base URL above and click the button to "
+                   "list its models.")
         served = gr.State([])
     with gr.Accordion("Decoding (shared by every system)", open=False):
         with gr.Row():
@@ -118,11 +136,12 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         out += [gr.update(value="", visible=False)] * (MAX_SYSTEMS - n)
         out += [c.stats for c in state.columns] + [""] * (MAX_SYSTEMS - n)
         record = state if final else None
-        numbers = list(range(1, n + 1))
+        numbers = [(f"{i}. {short_name(c.system)}", i) for i, c in enumerate(state.columns, 1)]
         out += [record,
                 gr.update(choices=numbers, value=1, interactive=final and n > 1),
                 gr.update(choices=numbers, value=min(2, n), interactive=final and n > 1)]
-        out += [gr.update(interactive=final)] * len(CHOICES)
+        out += [gr.update(value=label, interactive=final)
+                for label in vote_labels(state.columns, 1, min(2, n))]
         return out
 
     def run(ring: KeyRing, q, model_ref, pipe, url, remote, key, max_tokens, temp, top,
@@ -173,7 +192,8 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
             choice.replace(" ", "_"), decoding=vars(record.params),
             retrieved=[{"passage_id": d.meta.get("passage_id"), "score": d.score}
                        for d in record.documents])
-        return f"Vote recorded ({choice}: system {a} vs system {b}), id `{vote_id}`."
+        return (f"Vote recorded ({choice}: A = {a}. {short_name(cols[0].system)}, B = {b}. "
+                f"{short_name(cols[1].system)}), id `{vote_id}`.")
 
     def pick_question(ds_id):
         if not ds_id:
@@ -208,6 +228,14 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
     for button, choice in zip(vote_buttons, CHOICES):
         button.click(do_vote, inputs=[last, vote_a, vote_b, gr.State(choice)],
                      outputs=vote_status, api_name=f"vote_{choice.replace(' ', '_')}")
+    def name_votes(record: Comparison | None, a, b):
+        if record is None or not record.columns or not (a and b):
+            return [gr.update()] * len(CHOICES)
+        return vote_labels(record.columns, int(a), int(b))
+
+    for side in (vote_a, vote_b):
+        side.change(name_votes, inputs=[last, vote_a, vote_b], outputs=vote_buttons,
+                    api_name=False, queue=False)
     dataset.change(pick_question, inputs=dataset, outputs=picked, api_name=False)
     picked.change(use_question, inputs=[dataset, picked], outputs=[question, reference],
                   api_name=False)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import gradio as gr
-import pandas as pd
 
 from core import datasets
 from core.schema import SplitSetting
 from jobs.services import Services
-from ui.common import user_errors
+from ui.common import empty_note, user_errors
+from ui.tables import preview_table
 
 SOURCES = ["Shipped sample", "Preset from the Hub", "Any Hub dataset", "Upload a file"]
 
@@ -37,13 +37,14 @@ def build(services: Services) -> None:
             [(p.label, name) for name, p in datasets.PRESETS.items()], value="bioasq",
             label="Preset", scale=1,
         )
-    with gr.Row():
+    with gr.Row(visible=False) as hub_row:  # each source shows only the fields it uses
         hub_id = gr.Textbox(label="Hub dataset id", placeholder="owner/name", scale=2)
         hub_config = gr.Textbox(label="Config (optional)", scale=1)
         hub_split = gr.Textbox(label="Split", value="train", scale=1)
     upload = gr.File(label="Upload JSONL / CSV / Parquet",
-                     file_types=[".jsonl", ".json", ".csv", ".parquet"])
-    with gr.Accordion("Column mapping (hub datasets and uploads)", open=False):
+                     file_types=[".jsonl", ".json", ".csv", ".parquet"], visible=False)
+    with gr.Accordion("Column mapping (hub datasets and uploads)", open=False,
+                      visible=False) as mapping:
         with gr.Row():
             col_q = gr.Textbox(value="question", label="Question column")
             col_a = gr.Textbox(value="answer", label="Answer column")
@@ -51,7 +52,10 @@ def build(services: Services) -> None:
             col_id = gr.Textbox(value="", label="Id column (optional)")
     load = gr.Button("Load dataset", variant="primary")
     summary = gr.Markdown()
-    preview = gr.Dataframe(label="Preview (first 20 examples)", interactive=False, wrap=True)
+    preview = gr.Dataframe(label="Preview (first 20 examples)", interactive=False, wrap=True,
+                           column_widths=["70px", "40%", "30%", "100px", "15%"])
+    empty_note(preview, "Pick a source and click Load dataset to see its size, split and first "
+               "examples.")
 
     @user_errors
     def do_load(src, preset_name, hid, hconfig, hsplit, file, q, a, c, idc,
@@ -77,8 +81,14 @@ def build(services: Services) -> None:
         dataset_id = services.datasets.add(ds)
         split = services.datasets.split(dataset_id)
         return (summary_markdown(ds, dataset_id, split),
-                pd.DataFrame(ds.preview(20, split.seed, split.eval_fraction)))
+                preview_table(ds.preview(20, split.seed, split.eval_fraction)))
 
+    def show_fields(src):
+        return (gr.update(visible=src in SOURCES[:2]), gr.update(visible=src == SOURCES[2]),
+                gr.update(visible=src == SOURCES[3]), gr.update(visible=src in SOURCES[2:]))
+
+    source.change(show_fields, inputs=source, outputs=[preset, hub_row, upload, mapping],
+                  api_name=False, queue=False)
     load.click(
         do_load,
         inputs=[source, preset, hub_id, hub_config, hub_split, upload, col_q, col_a, col_c, col_id],

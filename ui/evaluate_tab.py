@@ -12,13 +12,12 @@ from core.systems import BASE, System
 from core.schema import InputError
 from jobs.evaluate import KIND, EvalSpec, JudgeSpec
 from jobs.services import Services
-from ui.common import (START_JOB, STATS, follow_job, job_status, on_show, user_errors,
-                       visitor)
+from ui import tables
+from ui.common import (START_JOB, STATS, empty_note, follow_job, job_status, on_show,
+                       user_errors, visitor)
 from ui.keys import KeyRing, remember
 from ui.served import listing
 
-SUMMARY_COLUMNS = ["system", "metric", "n", "mean", "std", "ci_low", "ci_high", "parse_failures",
-                   "base", "diff", "diff_ci_low", "diff_ci_high"]
 STUDY_COLUMNS = ["dataset", "n_train", "system", "rag", "metric", "n", "mean", "ci_low", "ci_high",
                  "run"]
 
@@ -46,11 +45,11 @@ def runs_choices(services: Services) -> list[tuple[str, str]]:
             for r in services.evaluations.runs()]
 
 
-def summary_frame(rows: list[dict]) -> pd.DataFrame:
-    labels = {r["system_id"]: r["system"] for r in rows}
-    rows = [{**r, "base": labels.get(r["base"], r["base"])} for r in rows]
-    df = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-    return df.round(3)
+# Widths for a 1280 px screen: labels and intervals get room, counts stay narrow.
+SUMMARY_WIDTHS = ["22%", "10%", "5%", "7%", "12%", "7%", "12%", "13%", "6%", "6%"]
+ITEM_WIDTHS = ["16%", "9%", "6%", "25%", "18%", "18%", "8%"]
+NO_RUN = ("Choose a run above (or start one) to see its summary: the mean, its interval and the "
+          "difference to the base system.")
 
 
 def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> None:
@@ -85,19 +84,22 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
                                         type="password")
             list_models = gr.Button("List server models (adds each to the systems)")
             served_table = gr.Dataframe(label="Served models", interactive=False)
+            empty_note(served_table, "Give the server's base URL and click the button to list "
+                       "its models.")
             served = gr.State({})
         with gr.Row():
             judge_kind = gr.Radio(["local", "openai"], value="local", label="Judge")
             judge_model = gr.Textbox(config.DEFAULT_CHAT_MODEL, label="Judge model")
             judge_url = gr.Textbox(label="Judge base URL (OpenAI-compatible; empty = the app's "
-                                   "endpoint)")
+                                   "endpoint)", visible=False)
             judge_key = gr.Textbox(label="API key (kept for this browser session only)",
-                                   type="password")
+                                   type="password", visible=False)
         with gr.Row():
             metrics = gr.CheckboxGroup(list(BUILTIN), value=list(BUILTIN), label="Metrics")
             method = gr.Radio(["logprobs", "sampling"], value="logprobs", label="Scoring")
             repeats = gr.Number(value=10, precision=0, label="Repeats")
-            samples = gr.Number(value=10, precision=0, label="Samples (sampling)")
+            samples = gr.Number(value=10, precision=0, label="Samples (sampling)",
+                                visible=False)
             reasoning = gr.Checkbox(False, label="Judge reasons first")
         with gr.Accordion("Your own metric (optional)", open=False):
             with gr.Row():
@@ -114,27 +116,39 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         cancel = gr.Button("Cancel", variant="stop", scale=1)
         resume = gr.Button("Resume", scale=1)
     run_status = gr.Markdown()
-    summary = gr.Dataframe(label="Summary: mean, std, 95% CI (t) over items; paired difference "
-                           "to the base system with a paired bootstrap 95% CI", interactive=False)
-    chart = gr.Plot(charts.evaluation_summary([]), label="Mean score by system, 95% interval")
+    summary = gr.Dataframe(label="Summary: mean with its 95% CI (t) over items; diff: paired "
+                           "difference to the base system ('vs') with a paired bootstrap 95% CI",
+                           interactive=False, wrap=True, column_widths=SUMMARY_WIDTHS,
+                           elem_id="eval-summary")
+    empty_note(summary, NO_RUN)
+    chart = gr.Plot(charts.evaluation_summary([]), label="Mean score by system, 95% interval",
+                    elem_id="eval-chart")
     with gr.Accordion("Study view: all runs by dataset and training-set size", open=False):
         study_btn = gr.Button("Draw")
         study_chart = gr.Plot(charts.study([]), label="Base vs fine-tuned, with and without "
                               "RAG (newest run per system)")
-        study_table = gr.Dataframe(interactive=False)
+        study_table = gr.Dataframe(interactive=False, wrap=True)
+        empty_note(study_table, "Click Draw to tabulate every finished run by dataset and "
+                   "training-set size.")
     with gr.Accordion("Per-item drill-down", open=False):
-        items = gr.Dataframe(interactive=False, wrap=True, label="Items (click a row)")
-        item_detail = gr.JSON(label="Judgments of the item (replies, scores, distributions)")
+        items = gr.Dataframe(interactive=False, wrap=True, label="Items (click a row)",
+                             column_widths=ITEM_WIDTHS)
+        empty_note(items, "Choose a run: its judged items appear here as they are scored.")
+        item_detail = gr.JSON(label="Judgments of the item (replies, scores, distributions)",
+                              visible=False)
     with gr.Row():
         export_fmt = gr.Radio(["csv", "parquet"], value="csv", label="Export")
         export_btn = gr.Button("Export answers and judgments")
-        export_files = gr.File(file_count="multiple", interactive=False)
+        export_files = gr.File(file_count="multiple", interactive=False, visible=False,
+                               label="Exported files")
     with gr.Accordion("Compare two runs", open=False):
         with gr.Row():
             run_a = gr.Dropdown(runs_choices(services), label="Run A", allow_custom_value=True)
             run_b = gr.Dropdown(runs_choices(services), label="Run B", allow_custom_value=True)
             compare_btn = gr.Button("Compare (B − A)")
-        compared = gr.Dataframe(interactive=False)
+        compared = gr.Dataframe(interactive=False, wrap=True)
+        empty_note(compared, "Choose two runs scored on the same items (e.g. by two judges) "
+                   "and click Compare.")
     with gr.Accordion("SQL (read-only: the app's tables only, one SELECT, time and row limits)",
                       open=False):
         queries = services.evaluations.example_queries
@@ -142,6 +156,7 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         sql = gr.Code(language="sql", lines=4, value=queries["Runs with counts"])
         sql_btn = gr.Button("Run query")
         sql_result = gr.Dataframe(interactive=False, wrap=True)
+        empty_note(sql_result, "Pick an example or write a SELECT, then click Run query.")
         sql_note = gr.Markdown()
 
     @user_errors
@@ -171,31 +186,41 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
                 gr.update(choices=runs_choices(services), value=job_id), ring)
 
     def show_run(run_id):
+        empty = tables.summary_table([])
         if not run_id:
-            return "", pd.DataFrame(columns=SUMMARY_COLUMNS), charts.evaluation_summary([]), None
+            return "", empty, charts.evaluation_summary([]), None
         job, status = job_status(services.jobs, run_id)
         if job is None:  # a malformed or unknown id: said in the status, not a popup
-            return status, pd.DataFrame(columns=SUMMARY_COLUMNS), charts.evaluation_summary([]), None
+            return status, empty, charts.evaluation_summary([]), None
         rows = services.evaluations.summary(run_id, n_boot=1000)
-        item_rows = pd.DataFrame(services.evaluations.items(run_id)).drop(
-            columns=["scores", "reasoning"], errors="ignore")
-        return status, summary_frame(rows), charts.evaluation_summary(rows), item_rows
+        item_rows = tables.items_table(services.evaluations.items(run_id))
+        return status, tables.summary_table(rows), charts.evaluation_summary(rows), item_rows
 
     def pick_item(evt: gr.SelectData, run_id, table):
         row = table.iloc[evt.index[0]]
-        return services.evaluations.item(run_id, row["example_id"], row["system_id"], row["metric"])
+        system_id = next(r["system_id"] for r in services.evaluations.items(run_id)
+                         if r["system"] == row["system"])
+        return gr.update(value=services.evaluations.item(run_id, row["example_id"], system_id,
+                                                         row["metric"]), visible=True)
 
     @user_errors
     def do_export(run_id, fmt):
         if not run_id:
             raise gr.Error("Choose a run first.")
-        return [str(p) for p in services.evaluations.export(run_id, fmt)]
+        return gr.update(value=[str(p) for p in services.evaluations.export(run_id, fmt)],
+                         visible=True)
 
     @user_errors
     def do_compare(a, b):
         if not (a and b):
             raise gr.Error("Choose two runs.")
-        return pd.DataFrame(services.evaluations.compare(a, b, n_boot=1000)).round(3)
+        rows = services.evaluations.compare(a, b, n_boot=1000)
+        if rows:
+            return gr.update(value=tables.run_comparison(rows), label="Run B − run A")
+        listed = tables.run_systems({f"A: {a}": services.evaluations.items(a),
+                                     f"B: {b}": services.evaluations.items(b)})
+        return gr.update(value=listed, label="Nothing to compare: the runs have no system and "
+                         "metric in common. What each run scored:")
 
     @user_errors
     def do_sql(query):
@@ -214,7 +239,7 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
 
     def study():
         rows = services.evaluations.study_rows()
-        return charts.study(rows), pd.DataFrame(rows, columns=STUDY_COLUMNS).round(3)
+        return charts.study(rows), tables.rounded(pd.DataFrame(rows, columns=STUDY_COLUMNS))
 
     start.click(do_start, inputs=[keys, served, dataset, n_items, seed, run_name, model, pipeline,
                                   max_new_tokens, systems, judge_kind, judge_model, judge_url,
@@ -250,6 +275,10 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
     list_models.click(do_list, inputs=[keys, server_url, server_key],
                       outputs=[served_table, served, keys], api_name="list_eval_server_models").then(
         refresh_systems, inputs=[model, served], outputs=systems, api_name=False)
+    method.change(lambda m: gr.update(visible=m == "sampling"), inputs=method, outputs=samples,
+                  api_name=False, queue=False)
+    judge_kind.change(lambda k: [gr.update(visible=k == "openai")] * 2, inputs=judge_kind,
+                      outputs=[judge_url, judge_key], api_name=False, queue=False)
     for dd in (run_a, run_b):
         dd.focus(lambda: gr.update(choices=runs_choices(services)), outputs=dd, api_name=False)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -13,8 +14,8 @@ from core.secrets import Secret
 from jobs.adapters import KIND
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
-from ui.common import (START_JOB, fmt_seconds, follow_job, job_status, on_show, user_errors,
-                       visitor)
+from ui.common import (START_JOB, empty_note, fmt_seconds, follow_job, job_status, on_show,
+                       user_errors, visitor)
 
 logger = logging.getLogger(__name__)
 FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
@@ -46,12 +47,42 @@ def adapters_table(services: Services) -> pd.DataFrame:
     for a in services.adapters.rows():
         m, s = a.metrics or {}, a.spec or {}
         rows.append({"name": a.name, "base_model": a.base_model, "n_train": m.get("n_train"),
-                     "context": s.get("context", ""), "final_train_loss": m.get("final_train_loss"),
-                     "final_val_loss": m.get("final_val_loss"), "steps": m.get("steps"),
+                     "context": s.get("context", ""),
+                     "final_train_loss": _loss(m.get("final_train_loss")),
+                     "final_val_loss": _loss(m.get("final_val_loss")), "steps": m.get("steps"),
                      "tokens/s": round(m["train_tokens_per_s"]) if m.get("train_tokens_per_s")
                      else None, "wall": fmt_seconds(m.get("wall_seconds")),
                      "created": f"{a.created_at:%Y-%m-%d %H:%M}"})
     return pd.DataFrame(rows, columns=ADAPTER_COLUMNS)
+
+
+def _loss(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def adapter_markdown(name: str, spec: dict, metrics: dict, folder: str) -> str:
+    """An adapter's spec and results as a few readable lines (the JSON stays one click away)."""
+    s, m = spec or {}, metrics or {}
+    modules = ", ".join(s.get("target_modules") or [])
+    pairs = m.get("n_train", s.get("n_train", "?"))
+    lines = [f"#### {name}",
+             f"Base model `{s.get('base_model', '?')}` · dataset `{s.get('dataset', '?')}` "
+             f"({s.get('source', '?')}) · {pairs} training pairs · context "
+             f"{s.get('context', '?')}",
+             f"LoRA r {s.get('lora_r', '?')}, alpha {s.get('lora_alpha', '?')}, dropout "
+             f"{s.get('lora_dropout', '?')} on {modules or '?'} · {s.get('epochs', '?')} "
+             f"epochs · lr {s.get('lr', '?')} ({s.get('lr_schedule', '?')}) · batch "
+             f"{s.get('micro_batch_size', '?')} × {s.get('grad_accum', '?')} · max length "
+             f"{s.get('max_length', '?')} · seed {s.get('seed', '?')}"]
+    if m:
+        val = f", validation {_loss(m['final_val_loss'])}" if m.get("final_val_loss") else ""
+        speed = (f" · {m['train_tokens_per_s']:.0f} tokens/s" if m.get("train_tokens_per_s")
+                 else "")
+        lines.append(f"{m.get('steps', '?')} steps · final loss: train "
+                     f"{_loss(m.get('final_train_loss'))}{val}{speed} · wall "
+                     f"{fmt_seconds(m.get('wall_seconds')) or '?'}")
+    lines.append(f"Folder: `{folder}`")
+    return "\n\n".join(lines)
 
 
 def loss_frame(points: list[dict]) -> pd.DataFrame:
@@ -132,13 +163,15 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
 
     gr.Markdown("### Adapters")
     adapters = gr.Dataframe(value=lambda: adapters_table(services), interactive=False, wrap=True)
+    empty_note(adapters, "No adapters yet: start fine-tuning above (the CPU preset takes a few "
+               "minutes) or load one from a folder or the Hub below.")
     with gr.Row():
         adapter = gr.Dropdown([], label="Adapter", allow_custom_value=True)
         new_name = gr.Textbox(label="New name")
         rename = gr.Button("Rename")
         delete = gr.Button("Delete", variant="stop")
         download = gr.Button("Download zip")
-    zip_file = gr.File(label="Zip", interactive=False)
+    zip_file = gr.File(label="Zip", interactive=False, visible=False)  # after Download zip
     with gr.Row():
         import_source = gr.Textbox(label="Load an adapter: folder or Hub id")
         import_btn = gr.Button("Load adapter")
@@ -152,7 +185,9 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
                               visible=not sign_in)
         push = gr.Button("Push to Hub")
     adapter_status = gr.Markdown()
-    details = gr.JSON(label="Spec and metrics")
+    about = gr.Markdown("_Choose an adapter (click a row above) to see its spec and results._")
+    with gr.Accordion("Spec and metrics as JSON", open=False):
+        details = gr.JSON(label="Spec and metrics")
 
     @user_errors
     def do_start(request: gr.Request, *values):  # Gradio passes the request positionally
@@ -187,6 +222,13 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
         row = services.adapters.get(name)
         return {"spec": row.spec, "metrics": row.metrics, "folder": row.path}
 
+    def describe(shown):
+        if not shown:
+            return "_Choose an adapter (click a row above) to see its spec and results._"
+        name_value = Path(shown.get("folder") or "").name or "Adapter"
+        return adapter_markdown(name_value, shown.get("spec"), shown.get("metrics"),
+                                shown.get("folder", ""))
+
     @user_errors
     def do_rename(old, new):
         services.adapters.rename(old, new)
@@ -199,7 +241,7 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
 
     @user_errors
     def do_zip(name_value):
-        return str(services.adapters.zip(name_value))
+        return gr.update(value=str(services.adapters.zip(name_value)), visible=True)
 
     @user_errors
     def do_import(src, model_ref):
@@ -235,6 +277,7 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     adapters.select(pick, outputs=adapter, api_name=False)
     adapter.focus(adapter_choices, outputs=adapter, api_name=False)
     adapter.change(show_adapter, inputs=adapter, outputs=details, api_name="adapter_details")
+    details.change(describe, inputs=details, outputs=about, api_name=False, queue=False)
     # The adapter list follows every change made here (its endpoints' outputs stay as they are).
     rename.click(do_rename, inputs=[adapter, new_name], outputs=[adapters, adapter_status],
                  api_name="rename_adapter").success(adapter_choices, outputs=adapter,

@@ -8,9 +8,12 @@ import gradio as gr
 import pandas as pd
 
 from jobs.services import Services
-from ui.common import eta_of, fmt_seconds, on_show, user_errors, visitor
+from ui.common import empty_note, eta_of, fmt_seconds, on_show, user_errors, visitor
+from ui.tables import drop_empty
 
-COLUMNS = ["id", "kind", "status", "progress", "message", "eta", "attempts", "created", "error"]
+# What went wrong (error) comes right after the state, the bookkeeping last; ETA and error
+# columns show only while some job has one, so the rest keep their room at 1280 px.
+COLUMNS = ["id", "kind", "status", "progress", "error", "message", "eta", "created", "attempts"]
 
 
 def jobs_table(services: Services) -> pd.DataFrame:
@@ -19,11 +22,11 @@ def jobs_table(services: Services) -> pd.DataFrame:
             "id": j.id, "kind": j.kind, "status": j.status,
             "progress": f"{j.progress:.0%}", "message": j.message or "",
             "eta": fmt_seconds(eta_of(j)), "attempts": j.attempts,
-            "created": f"{j.created_at:%Y-%m-%d %H:%M:%S}", "error": j.error or "",
+            "created": f"{j.created_at:%m-%d %H:%M}", "error": j.error or "",
         }
         for j in services.jobs.jobs(limit=100)
     ]
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return drop_empty(pd.DataFrame(rows, columns=COLUMNS), keep=["id", "kind", "status"])
 
 
 def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
@@ -31,7 +34,9 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
                 "Closing the browser does not stop a job; a job that was running when the app "
                 "stopped shows as *interrupted* and can be resumed.")
     table = gr.Dataframe(value=lambda: jobs_table(services), label="Jobs", interactive=False,
-                         wrap=True)
+                         wrap=True, elem_id="jobs-table")
+    empty_note(table, "No jobs yet: loading the models, fine-tuning, index builds and "
+               "evaluations appear here when they start.")
     with gr.Row():
         job_id = gr.Textbox(label="Job id", placeholder="click a row or paste an id", scale=3)
         refresh = gr.Button("Refresh", scale=1)

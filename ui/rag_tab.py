@@ -12,9 +12,9 @@ from jobs.services import Services
 from pipelines import spec as pspec
 from pipelines.graph import pipeline_mermaid
 from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
-from ui.common import (INDEX, STATS, fmt_seconds, follow_job, job_status, on_show, user_errors,
-                       visitor)
-from ui.tables import CHUNK_COLUMNS, chunks_table
+from ui.common import (INDEX, STATS, empty_note, fmt_seconds, follow_job, job_status, on_show,
+                       user_errors, visitor)
+from ui.tables import CHUNK_COLUMNS, chunk_widths, chunks_table
 
 QUALITY_KS = (1, 3, 5, 10)
 
@@ -61,10 +61,14 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
             retrieve_btn = gr.Button("Retrieve")
             chunks = gr.Dataframe(headers=CHUNK_COLUMNS, label="Retrieved chunks", wrap=True,
                                   interactive=False)
+            empty_note(chunks, "Build or load a pipeline, type a question and click Retrieve to "
+                       "see the chunks it finds, best first.")
         with gr.Column(scale=1):
-            graph = gr.Markdown(label="Pipeline graph")
+            graph = gr.Markdown("_The pipeline graph appears here once an index is built or a "
+                                "saved pipeline is loaded._", label="Pipeline graph")
             quality_btn = gr.Button("Retrieval quality on the eval split")
             quality = gr.Dataframe(label="recall@k / MRR", interactive=False)
+            empty_note(quality, "Measured on the dataset's eval split once you click the button.")
             quality_plot = gr.Plot(charts.retrieval_quality(pd.DataFrame()),
                                    label="Retrieval quality")
 
@@ -116,7 +120,8 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     @user_errors
     def do_retrieve(q, *values):
         spec = make_spec(*values)
-        return chunks_table(retrieve(spec, services.indexes.get(spec.name), q))
+        table = chunks_table(retrieve(spec, services.indexes.get(spec.name), q))
+        return gr.update(value=table, column_widths=chunk_widths(table))
 
     @user_errors
     def do_quality(ds_id, *values, progress=gr.Progress()):
