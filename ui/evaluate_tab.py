@@ -250,7 +250,7 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         return gr.update(choices=list(candidate_systems(services, model_ref, served_by_label)))
 
     @user_errors
-    def do_list(ring: KeyRing, base_url, api_key):
+    def do_list(ring: KeyRing, base_url=None, api_key=None):
         table, names, ring = listing(ring, base_url, api_key)
         return table, served_systems(names, base_url), ring
 
