@@ -248,11 +248,12 @@ def test_evaluation_without_systems_is_refused(client):
 # ---------------------------------------------------------------- fine-tuning through the API
 
 def tiny_form(name):
-    # base_model, dataset, source, n_train, context, pipeline, lora_r, lora_alpha, lora_dropout,
-    # target_modules, qlora, epochs, lr, lr_schedule, warmup_ratio, micro_batch_size, grad_accum,
-    # max_length, seed, val_size, val_every, checkpoint_every, name
-    return ["smollm2-135m-instruct", "nq", "sample", 8, "none", None, 8, 16.0, 0.0,
-            "q_proj,v_proj", False, 1, 5e-3, "constant", 0.0, 4, 1, 256, 0, 4, 1, 100, name]
+    """/start_finetune's keyword arguments for a two-step fine-tune (every field given)."""
+    return dict(base_model="smollm2-135m-instruct", dataset="nq", source="sample", n_train=8,
+                context="none", pipeline=None, lora_r=8, lora_alpha=16.0, lora_dropout=0.0,
+                target_modules="q_proj,v_proj", qlora=False, epochs=1, lr=5e-3,
+                lr_schedule="constant", warmup_ratio=0.0, micro_batch_size=4, grad_accum=1,
+                max_length=256, seed=0, val_size=4, val_every=1, checkpoint_every=100, name=name)
 
 
 def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_path):
@@ -264,7 +265,7 @@ def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_pa
     from jobs.finetune_data import FinetuneSpec
     from ui.finetune_tab import spec_from_form
 
-    job_id, status = client.predict(*tiny_form("ui-tiny"), api_name="/start_finetune")
+    job_id, status = client.predict(**tiny_form("ui-tiny"), api_name="/start_finetune")
     end = time.time() + 600
     while time.time() < end:
         text, chart = client.predict(job_id, api_name="/finetune_status")
@@ -293,11 +294,7 @@ def test_finetune_from_the_ui_and_the_cli_create_the_same_records(client, tmp_pa
 
 
 def test_finetune_bad_values_are_refused_before_starting(client):
-    form = tiny_form("bad")
-    form[6] = 0  # lora_r
     with pytest.raises(AppError, match="r"):
-        client.predict(*form, api_name="/start_finetune")
-    form = tiny_form("bad")
-    form[12] = 5.0  # lr
+        client.predict(**{**tiny_form("bad"), "lora_r": 0}, api_name="/start_finetune")
     with pytest.raises(AppError, match="learning rate|lr"):
-        client.predict(*form, api_name="/start_finetune")
+        client.predict(**{**tiny_form("bad"), "lr": 5.0}, api_name="/start_finetune")

@@ -13,6 +13,7 @@ from gradio_client import Client
 
 from pipelines.spec import DEFAULT_TEMPLATE
 from tests.app_server import running_app
+from tests.test_app import tiny_form
 
 pytestmark = pytest.mark.integration
 
@@ -28,11 +29,8 @@ PIPELINE = r"Pipeline name .* is not allowed"
 
 
 def finetune_form(dataset="nq", name="hostile"):
-    # base_model, dataset, source, n_train, context, pipeline, lora_r, lora_alpha, lora_dropout,
-    # target_modules, qlora, epochs, lr, lr_schedule, warmup_ratio, micro_batch_size, grad_accum,
-    # max_length, seed, val_size, val_every, checkpoint_every, name
-    return [MODEL, dataset, "sample", 8, "none", None, 8, 16.0, 0.0, "q_proj,v_proj", False, 1,
-            5e-3, "constant", 0.0, 4, 1, 256, 0, 4, 1, 100, name]
+    """/start_finetune's arguments in the API's order (positional calls keep working)."""
+    return list({**tiny_form(name), "dataset": dataset}.values())
 
 
 # (endpoint, arguments with the bad value b, pattern of the refusal; a dict maps a bad value to

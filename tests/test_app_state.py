@@ -38,23 +38,21 @@ def job_rows(client):
 @pytest.fixture(scope="module")
 def tiny_adapter(client):
     """An adapter trained through the API after the app started (its choices predate it)."""
-    job_id, _ = client.predict(*tiny_form("state-tiny"), api_name="/start_finetune")
+    job_id, _ = client.predict(**tiny_form("state-tiny"), api_name="/start_finetune")
     text = finetune_outcome(client, job_id)
     assert text.startswith("**done**"), text
     return "state-tiny"
 
 
 @pytest.mark.parametrize("field, value, message", [
-    (3, 1_000_000, r"^sample:nq has \d+ examples in its train split .* n_train=1000000 plus "
+    ("n_train", 1_000_000, r"^sample:nq has \d+ examples in its train split .* n_train=1000000 plus "
                    r"val_size=4 needs 1000004\."),
-    (17, 16, r"^max_length=16 is too short: the prompt of example \S+ alone is \d+ tokens"),
+    ("max_length", 16, r"^max_length=16 is too short: the prompt of example \S+ alone is \d+ tokens"),
 ])
 def test_impossible_finetunes_are_refused_before_any_job_row(client, field, value, message):
     before = len(job_rows(client))
-    form = tiny_form("state-refused")
-    form[field] = value
     with pytest.raises(AppError, match=message):
-        client.predict(*form, api_name="/start_finetune")
+        client.predict(**{**tiny_form("state-refused"), field: value}, api_name="/start_finetune")
     assert len(job_rows(client)) == before
 
 
@@ -85,7 +83,7 @@ def test_an_unknown_system_is_refused_by_name(client):
 def test_a_failed_finetune_says_one_sentence(client, tiny_adapter):
     """The child refuses to overwrite the finished adapter: its status and row carry that
     sentence, not the command line, the spec JSON, a traceback or the last progress step."""
-    job_id, _ = client.predict(*tiny_form(tiny_adapter), api_name="/start_finetune")
+    job_id, _ = client.predict(**tiny_form(tiny_adapter), api_name="/start_finetune")
     text = finetune_outcome(client, job_id)
     assert text.startswith("**failed** · ") and "ETA" not in text, text
     assert f"An adapter named '{tiny_adapter}' already exists" in text

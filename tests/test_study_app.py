@@ -112,7 +112,7 @@ def test_a_tiny_study_through_the_app_and_the_cli(tmp_path):
         plan, grid, _, _ = client.predict(SPEC, api_name="/study_plan")
         assert "4 steps (4 already done)" in plan
         assert {r["evaluation"] for r in records(grid)} == {"reused"}
-        report = Path(client.predict(SPEC, api_name="/study_report")).read_text()
+        report = Path(client.predict(SPEC, "md", api_name="/study_report")).read_text()
 
     assert report.startswith("# Study: tiny\n") and "Verdict:" in report
     for verdict in verdicts:

@@ -109,14 +109,20 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
     vote_status = gr.Markdown()
 
     row_inputs = [w for pair in rows for w in pair]
-    inputs = [keys, question, model, pipeline, base_url, remote_model, api_key, max_new_tokens,
-              temperature, top_p, seed, *row_inputs]
+    # The handlers' keyword arguments, named as the API shows them; the six slots are
+    # system_1, rag_1, ..., system_6, rag_6.
+    fields = dict(question=question, base_model=model, pipeline=pipeline, base_url=base_url,
+                  remote_model=remote_model, api_key=api_key, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_p=top_p, seed=seed)
+    fields |= {f"{kind}_{i + 1}": widget for i, pair in enumerate(rows)
+               for kind, widget in zip(("system", "rag"), pair)}
     outputs = [chunks, *answers, *stats, last, vote_a, vote_b, *vote_buttons]
     outputs_and_keys = [*outputs, keys]
 
-    def systems_from(model_ref, pipe, url, remote, values) -> list[System]:
+    def systems_from(model_ref, pipe, url, remote, slots: dict) -> list[System]:
         systems = []
-        for choice, use_rag in zip(values[::2], values[1::2]):
+        for i in range(1, MAX_SYSTEMS + 1):
+            choice, use_rag = slots.get(f"system_{i}"), slots.get(f"rag_{i}")
             if choice in (None, NONE):
                 continue
             if choice == OPENAI or choice.startswith(SERVED):
@@ -145,11 +151,11 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         return out
 
     def run(ring: KeyRing, q, model_ref, pipe, url, remote, key, max_tokens, temp, top,
-            seed_value, values, documents=None):
+            seed_value, slots, documents=None):
         ring, secret = remember(ring, url, key)
         params = GenParams(max_new_tokens=int(max_tokens), temperature=float(temp),
                            top_p=float(top), seed=int(seed_value or 0))
-        systems = systems_from(model_ref, pipe, url, remote, values)
+        systems = systems_from(model_ref, pipe, url, remote, slots)
         spec = index = None
         if pipe and any(s.rag for s in systems):
             index = services.indexes.get(pipe)
@@ -161,29 +167,32 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         yield [*render(state, final=True), ring]
 
     @user_errors
-    def do_compare(ring, q, model_ref, pipe, url, remote, key, max_tokens, temp, top, seed_value,
-                   *values):
-        yield from run(ring, q, model_ref, pipe, url, remote, key, max_tokens, temp, top,
-                       seed_value, values)
+    def do_compare(ring, *, question, base_model, pipeline=None, base_url=None,
+                   remote_model=None, api_key=None, max_new_tokens, temperature, top_p, seed,
+                   **slots):
+        yield from run(ring, question, base_model, pipeline, base_url, remote_model, api_key,
+                       max_new_tokens, temperature, top_p, seed, slots)
 
     @user_errors
-    def do_regenerate(previous, ring, q, model_ref, pipe, url, remote, key, max_tokens, temp, top,
-                      seed_value, *values):
+    def do_regenerate(previous, ring, *, question, base_model, pipeline=None, base_url=None,
+                      remote_model=None, api_key=None, max_new_tokens, temperature, top_p, seed,
+                      **slots):
         # Same question and chunks: only the answers are drawn again (a new seed when sampling).
-        documents = previous.documents if previous and previous.question == q.strip() else None
-        new_seed = int(seed_value or 0) + (1 if float(temp) > 0 else 0)
-        yield from run(ring, q, model_ref, pipe, url, remote, key, max_tokens, temp, top, new_seed,
-                       values, documents)
+        same = previous and previous.question == question.strip()
+        documents = previous.documents if same else None
+        new_seed = int(seed or 0) + (1 if float(temperature) > 0 else 0)
+        yield from run(ring, question, base_model, pipeline, base_url, remote_model, api_key,
+                       max_new_tokens, temperature, top_p, new_seed, slots, documents)
 
     def do_clear():
         empty = Comparison("", columns=[])
         return render(empty, final=False)
 
     @user_errors
-    def do_vote(record: Comparison | None, a, b, choice):
+    def do_vote(record: Comparison | None, system_a, system_b, choice):
         if record is None:
             raise gr.Error("Generate answers first, then vote.")
-        a, b = int(a), int(b)
+        a, b = int(system_a), int(system_b)
         if a == b and choice in ("A better", "B better"):
             raise gr.Error("A and B are the same system; pick two different ones.")
         cols = [record.columns[a - 1], record.columns[b - 1]]
@@ -208,22 +217,23 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         return example.question, f"**Reference answer:** {example.answer}"
 
     @user_errors
-    def two_by_two(model_ref, pipe):
-        adapters = services.adapters.names(model_ref)
+    def two_by_two(base_model, pipeline):
+        adapters = services.adapters.names(base_model)
         if not adapters:
             raise gr.Error("No adapter yet: fine-tune one (Fine-tune tab) or load one first.")
-        if not pipe:
+        if not pipeline:
             raise gr.Error("Choose a RAG pipeline with a built index first (RAG tab).")
         plan = [("base", False), ("base", True), (adapters[0], False), (adapters[0], True)]
         plan += [(NONE, False)] * (MAX_SYSTEMS - len(plan))
         return [v for choice, use_rag in plan for v in (choice, use_rag)]
 
 
-    ask.click(do_compare, inputs=inputs, outputs=outputs_and_keys, api_name="compare", **GENERATE)
-    question.submit(do_compare, inputs=inputs, outputs=outputs_and_keys, api_name=False,
-                    **GENERATE)
-    regenerate.click(do_regenerate, inputs=[last, *inputs], outputs=outputs_and_keys,
-                     api_name="regenerate", **GENERATE)
+    ask.click(do_compare, inputs=[keys], inputs_kwargs=fields, outputs=outputs_and_keys,
+              api_name="compare", **GENERATE)
+    question.submit(do_compare, inputs=[keys], inputs_kwargs=fields, outputs=outputs_and_keys,
+                    api_name=False, **GENERATE)
+    regenerate.click(do_regenerate, inputs=[last, keys], inputs_kwargs=fields,
+                     outputs=outputs_and_keys, api_name="regenerate", **GENERATE)
     clear.click(do_clear, outputs=outputs, api_name="clear")
     for button, choice in zip(vote_buttons, CHOICES):
         button.click(do_vote, inputs=[last, vote_a, vote_b, gr.State(choice)],

@@ -58,25 +58,30 @@ def build(services: Services) -> None:
                "examples.")
 
     @user_errors
-    def do_load(src, preset_name, hid, hconfig, hsplit, file, q, a, c, idc,
+    def do_load(*, source, preset, hub_id=None, hub_config=None, hub_split, upload=None,
+                question_column, answer_column, contexts_column, id_column,
                 progress=gr.Progress()):
-        mapping = datasets.ColumnMapping(question=q.strip() or "question",
-                                         answer=a.strip() or "answer",
-                                         contexts=c.strip() or None, id=idc.strip() or None)
+        # Keyword-only: these names are the API's; a default of None makes a parameter optional.
+        mapping = datasets.ColumnMapping(question=(question_column or "").strip() or "question",
+                                         answer=(answer_column or "").strip() or "answer",
+                                         contexts=(contexts_column or "").strip() or None,
+                                         id=(id_column or "").strip() or None)
         progress(0.1, desc="loading")
-        if src == SOURCES[0]:
-            ds = datasets.load_preset(preset_name, source="sample")
-        elif src == SOURCES[1]:
-            ds = datasets.load_preset(preset_name, source="hub")
-        elif src == SOURCES[2]:
-            if not (hid or "").strip():
+        if source == SOURCES[0]:
+            ds = datasets.load_preset(preset, source="sample")
+        elif source == SOURCES[1]:
+            ds = datasets.load_preset(preset, source="hub")
+        elif source == SOURCES[2]:
+            if not (hub_id or "").strip():
                 raise ValueError("Type a Hub dataset id (owner/name) first.")
-            ds = datasets.load_hub(hid.strip(), mapping, config=hconfig.strip() or None,
-                                   split=hsplit.strip() or "train")
+            ds = datasets.load_hub(hub_id.strip(), mapping,
+                                   config=(hub_config or "").strip() or None,
+                                   split=(hub_split or "").strip() or "train")
         else:
-            if file is None:
+            if upload is None:
                 raise ValueError("Choose a file to upload first.")
-            ds = datasets.load_upload(file if isinstance(file, str) else file.name, mapping)
+            ds = datasets.load_upload(upload if isinstance(upload, str) else upload.name,
+                                      mapping)
         progress(0.8, desc="saving to DuckDB")
         dataset_id = services.datasets.add(ds)
         split = services.datasets.split(dataset_id)
@@ -91,6 +96,8 @@ def build(services: Services) -> None:
                   api_name=False, queue=False)
     load.click(
         do_load,
-        inputs=[source, preset, hub_id, hub_config, hub_split, upload, col_q, col_a, col_c, col_id],
+        inputs_kwargs=dict(source=source, preset=preset, hub_id=hub_id, hub_config=hub_config,
+                           hub_split=hub_split, upload=upload, question_column=col_q,
+                           answer_column=col_a, contexts_column=col_c, id_column=col_id),
         outputs=[summary, preview], api_name="load_dataset",
     )

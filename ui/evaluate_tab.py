@@ -160,27 +160,31 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         sql_note = gr.Markdown()
 
     @user_errors
-    def do_start(ring: KeyRing, served_by_label, ds, n, sd, name, model_ref, pipe, max_tokens,
-                 chosen, jk, jm, ju, key, mets, meth, reps, samp, reason, cname, ccrit, csteps,
-                 request: gr.Request):
-        candidates = candidate_systems(services, model_ref, served_by_label)
-        unknown = [label for label in chosen or [] if label not in candidates]
+    def do_start(ring: KeyRing, served_by_label, request: gr.Request, *, dataset, n_items, seed,
+                 run_name=None, base_model, pipeline=None, max_new_tokens, systems, judge_kind,
+                 judge_model, judge_url=None, judge_api_key=None, metrics, method, repeats,
+                 samples, reasoning, custom_name=None, custom_criteria=None, custom_steps=None):
+        # Keyword-only: these names are the API's; a default of None makes a parameter optional.
+        candidates = candidate_systems(services, base_model, served_by_label)
+        unknown = [label for label in systems or [] if label not in candidates]
         if unknown:
-            raise InputError(f"Unknown system '{unknown[0]}' for base model '{model_ref}': choose "
-                             f"from {', '.join(candidates)}.")
-        picked = [candidates[label] for label in chosen or []]
-        metric_list: list = list(mets or [])
-        if (cname or "").strip():
-            metric_list.append({"name": cname.strip(), "criteria": ccrit or "",
-                                "steps": (csteps or "").strip() or None})
-        judge_url_value = (ju or "").strip() or None
-        ring, _ = remember(ring, judge_url_value, key)
+            raise InputError(f"Unknown system '{unknown[0]}' for base model '{base_model}': "
+                             f"choose from {', '.join(candidates)}.")
+        picked = [candidates[label] for label in systems or []]
+        metric_list: list = list(metrics or [])
+        if (custom_name or "").strip():
+            metric_list.append({"name": custom_name.strip(), "criteria": custom_criteria or "",
+                                "steps": (custom_steps or "").strip() or None})
+        judge_url_value = (judge_url or "").strip() or None
+        ring, _ = remember(ring, judge_url_value, judge_api_key)
         spec = EvalSpec(
-            dataset_id=ds, systems=picked, name=(name or "").strip(),
-            judge=JudgeSpec(kind=jk, model=(jm or "").strip(), base_url=judge_url_value),
-            metrics=metric_list, n_items=int(n) if n else None, seed=int(sd or 0),
-            pipeline=pipe or None, repeats=int(reps or 1), method=meth, samples=int(samp or 1),
-            reasoning=bool(reason), decoding={"max_new_tokens": int(max_tokens or 48)})
+            dataset_id=dataset, systems=picked, name=(run_name or "").strip(),
+            judge=JudgeSpec(kind=judge_kind, model=(judge_model or "").strip(),
+                            base_url=judge_url_value),
+            metrics=metric_list, n_items=int(n_items) if n_items else None, seed=int(seed or 0),
+            pipeline=pipeline or None, repeats=int(repeats or 1), method=method,
+            samples=int(samples or 1), reasoning=bool(reasoning),
+            decoding={"max_new_tokens": int(max_new_tokens or 48)})
         job_id = services.evaluations.start(spec, visitor(request), ring)
         return (f"Started run `{job_id}`: {len(picked)} systems × {len(metric_list)} metrics.",
                 gr.update(choices=runs_choices(services), value=job_id), ring)
@@ -204,21 +208,21 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
                                                          row["metric"]), visible=True)
 
     @user_errors
-    def do_export(run_id, fmt):
+    def do_export(run_id, file_format):
         if not run_id:
             raise gr.Error("Choose a run first.")
-        return gr.update(value=[str(p) for p in services.evaluations.export(run_id, fmt)],
+        return gr.update(value=[str(p) for p in services.evaluations.export(run_id, file_format)],
                          visible=True)
 
     @user_errors
-    def do_compare(a, b):
-        if not (a and b):
+    def do_compare(run_a, run_b):
+        if not (run_a and run_b):
             raise gr.Error("Choose two runs.")
-        rows = services.evaluations.compare(a, b, n_boot=1000)
+        rows = services.evaluations.compare(run_a, run_b, n_boot=1000)
         if rows:
             return gr.update(value=tables.run_comparison(rows), label="Run B − run A")
-        listed = tables.run_systems({f"A: {a}": services.evaluations.items(a),
-                                     f"B: {b}": services.evaluations.items(b)})
+        listed = tables.run_systems({f"A: {run_a}": services.evaluations.items(run_a),
+                                     f"B: {run_b}": services.evaluations.items(run_b)})
         return gr.update(value=listed, label="Nothing to compare: the runs have no system and "
                          "metric in common. What each run scored:")
 
@@ -241,10 +245,14 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         rows = services.evaluations.study_rows()
         return charts.study(rows), tables.rounded(pd.DataFrame(rows, columns=STUDY_COLUMNS))
 
-    start.click(do_start, inputs=[keys, served, dataset, n_items, seed, run_name, model, pipeline,
-                                  max_new_tokens, systems, judge_kind, judge_model, judge_url,
-                                  judge_key, metrics, method, repeats, samples, reasoning,
-                                  custom_name, custom_criteria, custom_steps],
+    start.click(do_start, inputs=[keys, served], inputs_kwargs=dict(
+                    dataset=dataset, n_items=n_items, seed=seed, run_name=run_name,
+                    base_model=model, pipeline=pipeline, max_new_tokens=max_new_tokens,
+                    systems=systems, judge_kind=judge_kind, judge_model=judge_model,
+                    judge_url=judge_url, judge_api_key=judge_key, metrics=metrics, method=method,
+                    repeats=repeats, samples=samples, reasoning=reasoning,
+                    custom_name=custom_name, custom_criteria=custom_criteria,
+                    custom_steps=custom_steps),
                 outputs=[start_status, run, keys], api_name="start_eval", **START_JOB)
     run.change(show_run, inputs=run, outputs=[run_status, summary, chart, items],
                api_name="eval_summary", **STATS)
@@ -267,7 +275,7 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         return gr.update(choices=list(candidate_systems(services, model_ref, served_by_label)))
 
     @user_errors
-    def do_list(ring: KeyRing, base_url, api_key):
+    def do_list(ring: KeyRing, base_url=None, api_key=None):
         table, names, ring = listing(ring, base_url, api_key)
         return table, served_systems(names, base_url), ring
 

@@ -35,8 +35,9 @@ def form_values(spec: FinetuneSpec) -> list:
     return [d[k] for k in FORM]
 
 
-def spec_from_form(values) -> FinetuneSpec:
-    d = dict(zip(FORM, values))
+def spec_from_form(form: dict) -> FinetuneSpec:
+    """The spec of the form's values, keyed by FORM (the names /start_finetune's API shows)."""
+    d = dict(form)
     for key in NUMBERS:
         d[key] = d[key] or 0  # an emptied number box reads as 0; the spec says what it must be
     return FinetuneSpec.from_dict(d).check_runnable()
@@ -162,7 +163,7 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     chart = gr.Plot(charts.loss(loss_frame([])), label="Loss (answer tokens)")
 
     gr.Markdown("### Adapters")
-    adapters = gr.Dataframe(value=lambda: adapters_table(services), interactive=False, wrap=True)
+    adapters = gr.Dataframe(value=adapters_table(services), interactive=False, wrap=True)
     empty_note(adapters, "No adapters yet: start fine-tuning above (the CPU preset takes a few "
                "minutes) or load one from a folder or the Hub below.")
     with gr.Row():
@@ -190,36 +191,37 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
         details = gr.JSON(label="Spec and metrics")
 
     @user_errors
-    def do_start(request: gr.Request, *values):  # Gradio passes the request positionally
-        spec = spec_from_form(values)
+    def do_start(request: gr.Request, *, pipeline=None, **fields):
+        """Start a fine-tune job; the fields are FinetuneSpec's (jobs.finetune --help)."""
+        spec = spec_from_form({**fields, "pipeline": pipeline})  # None: optional in the API
         jid = services.adapters.train(spec, visitor(request))
         return jid, f"Started `{jid}` → adapter **{spec.output_name}**."
 
-    def poll(jid):
-        jid = (jid or "").strip()
+    def poll(job_id):
+        jid = (job_id or "").strip()
         if not jid:
             return gr.update(), gr.update()
         job, text = job_status(services.jobs, jid)
         return text, charts.loss(loss_frame(services.jobs.metrics(jid))) if job else gr.update()
 
     @user_errors
-    def do_cancel(jid, request: gr.Request):
-        services.jobs.cancel(jid or "", visitor(request))
+    def do_cancel(job_id, request: gr.Request):
+        services.jobs.cancel(job_id or "", visitor(request))
         return "Cancel requested; the last checkpoint is kept for a resume."
 
     @user_errors
-    def do_resume(jid, request: gr.Request):
-        services.jobs.resume(jid or "", visitor(request))
+    def do_resume(job_id, request: gr.Request):
+        services.jobs.resume(job_id or "", visitor(request))
         return "Resuming from the last checkpoint."
 
     def adapter_choices():
         return gr.update(choices=[a.name for a in services.adapters.rows()])
 
     @user_errors
-    def show_adapter(name):
-        if not name:
+    def show_adapter(adapter):
+        if not adapter:
             return None
-        row = services.adapters.get(name)
+        row = services.adapters.get(adapter)
         return {"spec": row.spec, "metrics": row.metrics, "folder": row.path}
 
     def describe(shown):
@@ -230,29 +232,29 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
                                 shown.get("folder", ""))
 
     @user_errors
-    def do_rename(old, new):
-        services.adapters.rename(old, new)
-        return adapters_table(services), f"Renamed `{old}` to `{new}`."
+    def do_rename(adapter, new_name):
+        services.adapters.rename(adapter, new_name)
+        return adapters_table(services), f"Renamed `{adapter}` to `{new_name}`."
 
     @user_errors
-    def do_delete(name_value):
-        services.adapters.delete(name_value)
-        return adapters_table(services), f"Deleted `{name_value}`."
+    def do_delete(adapter):
+        services.adapters.delete(adapter)
+        return adapters_table(services), f"Deleted `{adapter}`."
 
     @user_errors
-    def do_zip(name_value):
-        return gr.update(value=str(services.adapters.zip(name_value)), visible=True)
+    def do_zip(adapter):
+        return gr.update(value=str(services.adapters.zip(adapter)), visible=True)
 
     @user_errors
-    def do_import(src, model_ref):
-        loaded = services.adapters.import_(src, model_ref or config.DEFAULT_CHAT_MODEL)
+    def do_import(source, base_model):
+        loaded = services.adapters.import_(source, base_model or config.DEFAULT_CHAT_MODEL)
         return adapters_table(services), f"Loaded adapter `{loaded}`."
 
     @user_errors
-    def do_push(name_value, repo, typed, oauth_token: gr.OAuthToken | None):
+    def do_push(adapter, repo_id, hf_token=None, oauth_token: gr.OAuthToken | None = None):
         # Gradio fills oauth_token from the visitor's sign-in (None when not signed in).
-        token = Secret(oauth_token.token) if oauth_token else Secret.typed(typed)
-        return f"Pushed: {services.adapters.push(name_value, repo, token)}"
+        token = Secret(oauth_token.token) if oauth_token else Secret.typed(hf_token)
+        return f"Pushed: {services.adapters.push(adapter, repo_id, token)}"
 
     @user_errors
     def cpu_preset(ds, src):
@@ -262,8 +264,8 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
 
     cpu.click(cpu_preset, inputs=[dataset, source], outputs=form, api_name=False)
     study.click(lambda: form_values(FinetuneSpec()), outputs=form, api_name=False)
-    start.click(do_start, inputs=form, outputs=[job_id, status], api_name="start_finetune",
-                **START_JOB)
+    start.click(do_start, inputs_kwargs=dict(zip(FORM, form)), outputs=[job_id, status],
+                api_name="start_finetune", **START_JOB)
     cancel.click(do_cancel, inputs=job_id, outputs=status, api_name="cancel_finetune")
     resume.click(do_resume, inputs=job_id, outputs=status, api_name="resume_finetune")
     job_id.change(poll, inputs=job_id, outputs=[status, chart], api_name="finetune_status")

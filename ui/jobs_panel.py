@@ -33,7 +33,7 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     gr.Markdown("Background work (model preparation, fine-tuning, evaluation) runs here. "
                 "Closing the browser does not stop a job; a job that was running when the app "
                 "stopped shows as *interrupted* and can be resumed.")
-    table = gr.Dataframe(value=lambda: jobs_table(services), label="Jobs", interactive=False,
+    table = gr.Dataframe(value=jobs_table(services), label="Jobs", interactive=False,
                          wrap=True, elem_id="jobs-table")
     empty_note(table, "No jobs yet: loading the models, fine-tuning, index builds and "
                "evaluations appear here when they start.")
@@ -46,18 +46,18 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     log = gr.Code(label="Log tail", language=None, lines=12, interactive=False)
 
     @user_errors
-    def show_log(jid: str) -> str:
-        return services.jobs.log_tail(jid, lines=60) if jid.strip() else ""
+    def show_log(job_id: str) -> str:
+        return services.jobs.log_tail(job_id, lines=60) if job_id.strip() else ""
 
     @user_errors
-    def do_cancel(jid: str, request: gr.Request) -> tuple[pd.DataFrame, str]:
-        services.jobs.cancel(jid, visitor(request))
-        return jobs_table(services), f"Cancel requested for `{jid.strip()}`."
+    def do_cancel(job_id: str, request: gr.Request) -> tuple[pd.DataFrame, str]:
+        services.jobs.cancel(job_id, visitor(request))
+        return jobs_table(services), f"Cancel requested for `{job_id.strip()}`."
 
     @user_errors
-    def do_resume(jid: str, request: gr.Request) -> tuple[pd.DataFrame, str]:
-        services.jobs.resume(jid, visitor(request))
-        return jobs_table(services), f"Resumed `{jid.strip()}`."
+    def do_resume(job_id: str, request: gr.Request) -> tuple[pd.DataFrame, str]:
+        services.jobs.resume(job_id, visitor(request))
+        return jobs_table(services), f"Resumed `{job_id.strip()}`."
 
     def pick(evt: gr.SelectData, df: pd.DataFrame) -> str:
         return str(df.iloc[evt.index[0]]["id"])

@@ -74,26 +74,31 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
 
     spec_inputs = [name, split_by, split_length, split_overlap, embedder, retriever, top_k,
                    ranker, template]
+    # The API's names of the spec's fields (keyword arguments of the handlers below).
+    spec_kwargs = dict(zip(["name", "split_by", "split_length", "split_overlap", "embedder",
+                            "retriever", "top_k", "ranker", "prompt_template"], spec_inputs))
 
-    def make_spec(n, sb, sl, so, emb, ret, k, rk, tpl) -> pspec.PipelineSpec:
+    def make_spec(name, split_by, split_length, split_overlap, embedder, retriever, top_k,
+                  ranker, prompt_template) -> pspec.PipelineSpec:
         return pspec.PipelineSpec(
-            name=(n or "").strip(),
-            splitter=pspec.SplitterSpec(split_by=sb, split_length=sl or 0, split_overlap=so or 0),
-            embedder=(emb or "").strip() or config.DEFAULT_EMBEDDER, retriever=ret, top_k=int(k),
-            ranker=(rk or "").strip() or None, prompt_template=tpl)
+            name=(name or "").strip(),
+            splitter=pspec.SplitterSpec(split_by=split_by, split_length=split_length or 0,
+                                        split_overlap=split_overlap or 0),
+            embedder=(embedder or "").strip() or config.DEFAULT_EMBEDDER, retriever=retriever,
+            top_k=int(top_k), ranker=(ranker or "").strip() or None,
+            prompt_template=prompt_template)
 
     @user_errors
-    def do_build(request: gr.Request, ds_id, uploaded, *values):
+    def do_build(request: gr.Request, dataset, files=None, **fields):
         """Start the build and return its job id at once (the status poll follows it)."""
-        spec = make_spec(*values)
-        paths = [f if isinstance(f, str) else f.name for f in (uploaded or [])]
-        return services.indexes.start(spec, ds_id, paths, visitor(request))
+        paths = [f if isinstance(f, str) else f.name for f in (files or [])]
+        return services.indexes.start(make_spec(**fields), dataset, paths, visitor(request))
 
     @user_errors
-    def do_status(jid):
+    def do_status(job_id):
         """The build's state; once it is done also the saved list and the graph. The poll timer
         runs while the job does."""
-        jid = (jid or "").strip()
+        jid = (job_id or "").strip()
         if not jid:
             return gr.update(), gr.update(), gr.update(), gr.Timer(active=False)
         job, text = job_status(services.jobs, jid)
@@ -111,23 +116,23 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
         return f"```mermaid\n{pipeline_mermaid(build_query_pipeline(handle.spec, handle))}\n```"
 
     @user_errors
-    def do_cancel(jid, request: gr.Request):
-        if not (jid or "").strip():
+    def do_cancel(job_id, request: gr.Request):
+        if not (job_id or "").strip():
             raise gr.Error("No indexing job is running from this page.")
-        services.jobs.cancel(jid.strip(), visitor(request))
+        services.jobs.cancel(job_id.strip(), visitor(request))
         return "Cancel requested."
 
     @user_errors
-    def do_retrieve(q, *values):
-        spec = make_spec(*values)
-        table = chunks_table(retrieve(spec, services.indexes.get(spec.name), q))
+    def do_retrieve(question, **fields):
+        spec = make_spec(**fields)
+        table = chunks_table(retrieve(spec, services.indexes.get(spec.name), question))
         return gr.update(value=table, column_widths=chunk_widths(table))
 
     @user_errors
-    def do_quality(ds_id, *values, progress=gr.Progress()):
-        spec = make_spec(*values)
+    def do_quality(dataset, progress=gr.Progress(), **fields):
+        spec = make_spec(**fields)
         handle = services.indexes.get(spec.name)
-        examples = services.datasets.eval_examples(ds_id)
+        examples = services.datasets.eval_examples(dataset)
         rows = []
         for k in [k for k in QUALITY_KS if k <= max(spec.top_k, 1)] or [spec.top_k]:
             progress(len(rows) / len(QUALITY_KS), desc=f"k = {k}")
@@ -138,29 +143,30 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
         return table, charts.retrieval_quality(table)
 
     @user_errors
-    def do_load(pipeline_name):
-        s = pspec.load_spec(pipeline_name)
+    def do_load(pipeline):
+        s = pspec.load_spec(pipeline)
         return (s.name, s.splitter.split_by, s.splitter.split_length, s.splitter.split_overlap,
                 s.embedder, s.retriever, s.top_k, s.ranker or "", s.prompt_template,
                 show_graph(s.name))
 
     @user_errors
-    def do_delete(pipeline_name):
-        services.indexes.delete(pipeline_name)
-        return gr.update(choices=services.indexes.names(), value=None), f"Deleted `{pipeline_name}`."
+    def do_delete(pipeline):
+        services.indexes.delete(pipeline)
+        return gr.update(choices=services.indexes.names(), value=None), f"Deleted `{pipeline}`."
 
-    build_btn.click(do_build, inputs=[dataset, files, *spec_inputs], outputs=job_id,
+    build_btn.click(do_build, inputs=[dataset, files], inputs_kwargs=spec_kwargs, outputs=job_id,
                     api_name="build_index", **INDEX)
     status_outputs = [build_status, saved, graph, poll_timer]
     job_id.change(do_status, inputs=job_id, outputs=status_outputs, api_name="index_status")
     poll_timer.tick(do_status, inputs=job_id, outputs=status_outputs, api_name=False,
                     show_progress="hidden")
     cancel_btn.click(do_cancel, inputs=job_id, outputs=build_status, api_name="cancel_index")
-    retrieve_btn.click(do_retrieve, inputs=[question, *spec_inputs], outputs=chunks,
+    retrieve_btn.click(do_retrieve, inputs=[question], inputs_kwargs=spec_kwargs, outputs=chunks,
                        api_name="retrieve")
-    question.submit(do_retrieve, inputs=[question, *spec_inputs], outputs=chunks, api_name=False)
-    quality_btn.click(do_quality, inputs=[dataset, *spec_inputs], outputs=[quality, quality_plot],
-                      api_name="retrieval_quality", **STATS)
+    question.submit(do_retrieve, inputs=[question], inputs_kwargs=spec_kwargs, outputs=chunks,
+                    api_name=False)
+    quality_btn.click(do_quality, inputs=[dataset], inputs_kwargs=spec_kwargs,
+                      outputs=[quality, quality_plot], api_name="retrieval_quality", **STATS)
     load_btn.click(do_load, inputs=saved, outputs=[*spec_inputs, graph], api_name="load_pipeline")
     delete_btn.click(do_delete, inputs=saved, outputs=[saved, build_status],
                      api_name="delete_pipeline")

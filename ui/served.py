@@ -10,8 +10,8 @@ from ui.keys import KeyRing, remember
 COLUMNS = ["model", "kind", "parent"]
 
 
-def listing(ring: KeyRing | None, base_url: str | None,
-            api_key: str | None) -> tuple[pd.DataFrame, list[str], KeyRing]:
+def listing(ring: KeyRing | None, base_url: str | None = None,
+            api_key: str | None = None) -> tuple[pd.DataFrame, list[str], KeyRing]:
     """The server's models as a table (base models first), their names, and the session's keys
     with the one typed (the same key then serves this endpoint's systems)."""
     url = (base_url or "").strip() or None
