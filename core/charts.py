@@ -40,7 +40,7 @@ def empty(message: str) -> alt.Chart:
 
 def evaluation_summary(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> alt.TopLevelMixin:
     """A run's summary rows (system, metric, n, mean, ci_low, ci_high, score_min/score_max): one
-    panel per metric, one bar per system (x: the system's label, one line per " · " part)."""
+    panel per metric, one bar per system, named by the colour legend."""
     df = _scores(rows)
     if df.empty:
         return empty(EMPTY_EVALUATION)
@@ -51,9 +51,10 @@ def evaluation_summary(rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> alt.
     for metric, part in df.groupby("metric", sort=False):
         lo, hi = _range(part)
         base = alt.Chart(part).encode(
-            x=alt.X("system:N", sort=systems, title="system",
-                    axis=alt.Axis(labelAngle=0, labelExpr="split(datum.label, ' · ')",
-                                  labelLimit=180)),
+            # System labels are long ("model (base) · RAG pipeline"): they overlap under
+            # narrow bars, so the colour legend below names each bar and the axis shows none.
+            x=alt.X("system:N", sort=systems, title="system (colour: see legend)",
+                    axis=alt.Axis(labels=False, ticks=False)),
             tooltip=_tooltip("system"))
         panels.append(_bars_with_interval(base, lo, hi, f"mean {metric}", color).properties(
             title=f"{metric} ({lo}-{hi})", width=max(160, 90 * len(systems)), height=HEIGHT))
