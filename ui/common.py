@@ -87,6 +87,15 @@ def empty_note(table: gr.Dataframe, message: str) -> gr.Markdown:
     return note
 
 
+def restyle(event: Any, component: Any, fn: Callable[..., dict] | None = None) -> None:
+    """After a successful public endpoint, change how `component` looks (visible, widths,
+    label) in a separate step, so the endpoint itself returns a plain value to API callers
+    (a gr.update would reach gradio_client as a raw dict). `fn(value)` gives the changes; by
+    default the component is shown."""
+    event.success(fn or (lambda _value: gr.update(visible=True)), inputs=component,
+                  outputs=component, api_name=False, queue=False, show_progress="hidden")
+
+
 def has_rows(df: Any) -> bool:
     """Whether a table's value holds a non-blank cell (Gradio sends an empty table as one blank
     row)."""

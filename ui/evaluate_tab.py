@@ -14,7 +14,7 @@ from jobs.evaluate import KIND, EvalSpec, JudgeSpec
 from jobs.services import Services
 from ui import tables
 from ui.common import (START_JOB, STATS, empty_note, follow_job, job_status, on_show,
-                       user_errors, visitor)
+                       restyle, user_errors, visitor)
 from ui.keys import KeyRing, remember
 from ui.served import listing
 
@@ -211,8 +211,7 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
     def do_export(run_id, file_format):
         if not run_id:
             raise gr.Error("Choose a run first.")
-        return gr.update(value=[str(p) for p in services.evaluations.export(run_id, file_format)],
-                         visible=True)
+        return [str(p) for p in services.evaluations.export(run_id, file_format)]
 
     @user_errors
     def do_compare(run_a, run_b):
@@ -220,11 +219,15 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
             raise gr.Error("Choose two runs.")
         rows = services.evaluations.compare(run_a, run_b, n_boot=1000)
         if rows:
-            return gr.update(value=tables.run_comparison(rows), label="Run B − run A")
-        listed = tables.run_systems({f"A: {run_a}": services.evaluations.items(run_a),
-                                     f"B: {run_b}": services.evaluations.items(run_b)})
-        return gr.update(value=listed, label="Nothing to compare: the runs have no system and "
-                         "metric in common. What each run scored:")
+            return tables.run_comparison(rows)
+        return tables.run_systems({f"A: {run_a}": services.evaluations.items(run_a),
+                                   f"B: {run_b}": services.evaluations.items(run_b)})
+
+    def compared_label(table):
+        if list(table.columns) == tables.RUN_SYSTEMS_COLUMNS:
+            return gr.update(label="Nothing to compare: the runs have no system and metric in "
+                             "common. What each run scored:")
+        return gr.update(label="Run B − run A")
 
     @user_errors
     def do_sql(query):
@@ -263,10 +266,10 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
     cancel.click(do_cancel, inputs=run, outputs=run_status, api_name="cancel_eval")
     resume.click(do_resume, inputs=[keys, run], outputs=run_status, api_name="resume_eval")
     items.select(pick_item, inputs=[run, items], outputs=item_detail, api_name=False)
-    export_btn.click(do_export, inputs=[run, export_fmt], outputs=export_files,
-                     api_name="export_eval")
-    compare_btn.click(do_compare, inputs=[run_a, run_b], outputs=compared,
-                      api_name="compare_runs", **STATS)
+    restyle(export_btn.click(do_export, inputs=[run, export_fmt], outputs=export_files,
+                             api_name="export_eval"), export_files)
+    restyle(compare_btn.click(do_compare, inputs=[run_a, run_b], outputs=compared,
+                              api_name="compare_runs", **STATS), compared, compared_label)
     sql_btn.click(do_sql, inputs=sql, outputs=[sql_result, sql_note], api_name="sql")
     example.change(lambda name: queries.get(name, ""), inputs=example, outputs=sql,
                    api_name=False)

@@ -15,7 +15,7 @@ from jobs.adapters import KIND
 from jobs.finetune_data import FinetuneSpec
 from jobs.services import Services
 from ui.common import (START_JOB, empty_note, fmt_seconds, follow_job, job_status, on_show,
-                       user_errors, visitor)
+                       restyle, user_errors, visitor)
 
 logger = logging.getLogger(__name__)
 FORM = ["base_model", "dataset", "source", "n_train", "context", "pipeline", "lora_r",
@@ -243,7 +243,7 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
 
     @user_errors
     def do_zip(adapter):
-        return gr.update(value=str(services.adapters.zip(adapter)), visible=True)
+        return str(services.adapters.zip(adapter))
 
     @user_errors
     def do_import(source, base_model):
@@ -287,7 +287,8 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     delete.click(do_delete, inputs=adapter, outputs=[adapters, adapter_status],
                  api_name="delete_adapter").success(adapter_choices, outputs=adapter,
                                                     api_name=False)
-    download.click(do_zip, inputs=adapter, outputs=zip_file, api_name="download_adapter")
+    restyle(download.click(do_zip, inputs=adapter, outputs=zip_file, api_name="download_adapter"),
+            zip_file)
     import_btn.click(do_import, inputs=[import_source, base_model],
                      outputs=[adapters, adapter_status], api_name="load_adapter").success(
                          adapter_choices, outputs=adapter, api_name=False)

@@ -13,7 +13,7 @@ from pipelines import spec as pspec
 from pipelines.graph import pipeline_mermaid
 from pipelines.query import build_query_pipeline, retrieval_metrics, retrieve
 from ui.common import (INDEX, STATS, empty_note, fmt_seconds, follow_job, job_status, on_show,
-                       user_errors, visitor)
+                       restyle, user_errors, visitor)
 from ui.tables import CHUNK_COLUMNS, chunk_widths, chunks_table
 
 QUALITY_KS = (1, 3, 5, 10)
@@ -125,8 +125,7 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     @user_errors
     def do_retrieve(question, **fields):
         spec = make_spec(**fields)
-        table = chunks_table(retrieve(spec, services.indexes.get(spec.name), question))
-        return gr.update(value=table, column_widths=chunk_widths(table))
+        return chunks_table(retrieve(spec, services.indexes.get(spec.name), question))
 
     @user_errors
     def do_quality(dataset, progress=gr.Progress(), **fields):
@@ -161,10 +160,11 @@ def build(services: Services, page: gr.Blocks, tab: gr.Tab) -> None:
     poll_timer.tick(do_status, inputs=job_id, outputs=status_outputs, api_name=False,
                     show_progress="hidden")
     cancel_btn.click(do_cancel, inputs=job_id, outputs=build_status, api_name="cancel_index")
-    retrieve_btn.click(do_retrieve, inputs=[question], inputs_kwargs=spec_kwargs, outputs=chunks,
-                       api_name="retrieve")
-    question.submit(do_retrieve, inputs=[question], inputs_kwargs=spec_kwargs, outputs=chunks,
-                    api_name=False)
+    widths = lambda table: gr.update(column_widths=chunk_widths(table))  # noqa: E731
+    restyle(retrieve_btn.click(do_retrieve, inputs=[question], inputs_kwargs=spec_kwargs,
+                               outputs=chunks, api_name="retrieve"), chunks, widths)
+    restyle(question.submit(do_retrieve, inputs=[question], inputs_kwargs=spec_kwargs,
+                            outputs=chunks, api_name=False), chunks, widths)
     quality_btn.click(do_quality, inputs=[dataset], inputs_kwargs=spec_kwargs,
                       outputs=[quality, quality_plot], api_name="retrieval_quality", **STATS)
     load_btn.click(do_load, inputs=saved, outputs=[*spec_inputs, graph], api_name="load_pipeline")
