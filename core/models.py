@@ -369,7 +369,9 @@ class ModelHub:
             if prefix:
                 enc = batch_inputs(prefix, head, [row[len(head):] for row in ids],
                                    tokenizer.pad_token_id, entry.device, entry.model.config, full_ids=True)
-            elif joinable(entry.model.config):
+            # Sampled rows keep one generate call: the grouped path would draw their first
+            # token apart from the rest, so a seed would not give the draws of the plain path.
+            elif params.temperature == 0 and joinable(entry.model.config):
                 return generate_grouped(entry.model, tokenizer, ids, entry.eos_ids, params, kwargs,
                                         on_update, cancel, entry.device)
             else:

@@ -117,6 +117,10 @@ def test_a_tiny_study_through_the_app_and_the_cli(tmp_path):
     assert report.startswith("# Study: tiny\n") and "Verdict:" in report
     for verdict in verdicts:
         assert verdict["verdict"] in report
-    printed = cli(data, "report", str(spec_file))
+    out = data / "cli-report.md"
+    printed = cli(data, "report", str(spec_file), "--out", str(out))
     assert printed.returncode == 0, printed.stderr[-3000:]
-    assert printed.stdout == report  # the app's download and the CLI's report: the same file
+    assert out.read_text() == report  # the app's download and the CLI's report: the same file
+    printed = cli(data, "report", str(spec_file))  # on stdout: the same text without the figure
+    assert printed.returncode == 0 and "Verdict:" in printed.stdout, printed.stderr[-3000:]
+    assert "## Figure" in report and "## Figure" not in printed.stdout
