@@ -223,6 +223,35 @@ def test_plan_start_watch_and_cancel_a_study(page, gates):
     page.get_by_role("gridcell", name="not run").first.wait_for(timeout=30_000)
 
 
+
+def test_a_study_runs_to_the_end_and_its_cells_figure_and_verdicts_fill(page):
+    """One size, one eval item, one metric: the smallest whole study. Started from the tab, it
+    runs to the end while the page watches: every cell done, the figure's bars for the four
+    setups of its one cell, a verdict row per fine-tuned setup."""
+    spec = {**TINY, "name": "tiny-browser", "sizes": [4],
+            "evaluation": {**TINY["evaluation"], "n_items": 1, "metrics": ["accuracy"]}}
+    page.get_by_role("tab", name="Study").click()
+    page.locator(".cm-content").filter(has_text='"name"').first.fill(json.dumps(spec))
+    page.get_by_role("button", name="Start study", exact=True).click()
+    page.get_by_text("Started study job").wait_for(timeout=60_000)
+    page.get_by_text(re.compile(r"^done · 100%")).wait_for(timeout=1_200_000)
+    page.get_by_role("gridcell", name="done").first.wait_for(timeout=60_000)
+    assert page.get_by_role("gridcell", name="queued").count() == 0
+    page.wait_for_function(
+        "() => window.__messages.join('').includes('fine-tuned + RAG')", timeout=60_000)
+    figure = [p for p in plots(page) if "facet" in p][-1]
+    data = [row for rows in figure["datasets"].values() for row in rows]
+    assert {row["setup"] for row in data} == {"base", "base + RAG", "fine-tuned",
+                                              "fine-tuned + RAG"}
+    assert {row["metric"] for row in data} == {"accuracy"}
+    assert all(1 <= row["mean"] <= 5 for row in data)
+    verdicts = page.get_by_role("gridcell", name=re.compile(r"^fine-tuning on 4 pairs"))
+    verdicts.first.wait_for(timeout=60_000)
+    texts = [verdicts.nth(i).inner_text() for i in range(verdicts.count())]
+    # One verdict per fine-tuned setup (with and without RAG), whatever its direction.
+    assert sorted(" with RAG" in t for t in texts) == [False, True], texts
+    assert all("accuracy with" in t or "accuracy without" in t for t in texts), texts
+
 def test_evaluate_summary_shows_diff_at_1280_px_and_the_chart_groups_bars(page):
     page.get_by_role("tab", name="Evaluate").click()
     page.get_by_label("Items (empty = all eval items)").fill("2")
