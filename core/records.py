@@ -1,4 +1,4 @@
-"""Typed rows that leave core/store.py for the services and the UI: a background job, an adapter,
+"""Typed rows that leave core/store/ for the services and the UI: a background job, an adapter,
 an evaluation run. The store builds each from its row (`from_row`, which decodes the JSON columns);
 `to_dict()` gives the plain form back where one is serialized (JSON output, exports). Timestamps
 are naive UTC datetimes, as the store writes them (core.store.now)."""

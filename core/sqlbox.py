@@ -33,6 +33,23 @@ from core.store import Store
 
 logger = logging.getLogger(__name__)
 
+# Shown in the SQL box: they double as documentation of how the tables join.
+EXAMPLE_QUERIES = {
+    "Runs with counts": "SELECT r.id, r.name, r.dataset_id, r.status, count(g.score) AS judgments "
+                        "FROM eval_runs r LEFT JOIN judgments g ON g.run_id = r.id "
+                        "GROUP BY ALL ORDER BY r.id DESC",
+    "Mean score per system and metric": "SELECT j.run_id, s.label AS system, j.metric, "
+                                        "round(avg(j.score), 3) AS mean, count(*) AS n FROM "
+                                        "judgments j JOIN systems s ON s.id = j.system_id "
+                                        "GROUP BY ALL ORDER BY ALL",
+    "Parse failures": "SELECT j.run_id, s.label AS system, j.metric, sum(j.parse_failures) AS "
+                      "failures FROM judgments j JOIN systems s ON s.id = j.system_id "
+                      "GROUP BY ALL HAVING failures > 0",
+    "Adapters and their losses": "SELECT name, base_model, metrics->>'final_train_loss' AS "
+                                 "train_loss, metrics->>'n_train' AS n_train FROM adapters",
+    "Votes": "SELECT choice, count(*) AS n FROM votes GROUP BY ALL",
+}
+
 # Readers of files or URLs, refused by name with the reason (the sandbox would refuse them anyway).
 FILE_READERS = frozenset({
     "read_text", "read_blob", "read_csv", "read_csv_auto", "sniff_csv", "read_json",

@@ -1,6 +1,6 @@
 """What the Evaluate and Compare tabs read and write about evaluations: starting runs, their
 summaries and items, exports, run comparison, the study view, the read-only SQL box, and votes.
-The UI calls this; the SQL lives in core/store.py, the SQL box's sandbox in core/sqlbox.py and the
+The UI calls this; the SQL lives in core/store/, the SQL box's sandbox in core/sqlbox.py and the
 statistics in core/evalstats.py. Run ids from a request are checked (core.names.check_id) before any
 query or export file uses them."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ from core.geval import metric_from
 from core.names import check_id
 from core.records import AdapterRecord, EvalRunRecord
 from core.secrets import Secret
-from core.sqlbox import SqlBox, SqlResult
-from core.store import EXAMPLE_QUERIES, Store
+from core.sqlbox import EXAMPLE_QUERIES, SqlBox, SqlResult
+from core.store import Store
 from core.systems import System
 from jobs.desk import JobDesk
 from jobs.evaluate import KIND, EvalResources, EvalSpec, keys_for, start_evaluation

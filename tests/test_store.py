@@ -3,9 +3,9 @@ from datetime import datetime
 import duckdb
 import pytest
 
-from core import store as store_mod
+from core import config
 from core.records import JobRecord
-from core.store import Store
+from core.store import Store, database
 
 EXPECTED_TABLES = {"datasets", "examples", "pipelines", "adapters", "jobs", "eval_runs", "answers", "systems",
                    "judgments", "votes", "schema_migrations"}
@@ -15,7 +15,7 @@ def test_migrations_create_every_table_and_record_versions(tmp_path):
     s = Store(tmp_path / "a.duckdb")
     tables = {r["table_name"] for r in s.query("SELECT table_name FROM information_schema.tables")}
     assert EXPECTED_TABLES <= tables
-    versions = [v for v, _, _ in store_mod.migrations()]
+    versions = [v for v, _, _ in database.migrations()]
     assert s.schema_version() == max(versions)
     assert [r["version"] for r in s.query("SELECT version FROM schema_migrations ORDER BY 1")] == versions
 
@@ -57,10 +57,10 @@ def test_new_migration_is_applied_once(tmp_path, monkeypatch):
     Store(path).close()
     extra = tmp_path / "migrations"
     extra.mkdir()
-    for p in store_mod.MIGRATIONS_DIR.glob("[0-9]*"):
+    for p in database.MIGRATIONS_DIR.glob("[0-9]*"):
         (extra / p.name).write_text(p.read_text())
     (extra / "999_add_note.sql").write_text("ALTER TABLE votes ADD COLUMN note VARCHAR;")
-    monkeypatch.setattr(store_mod, "MIGRATIONS_DIR", extra)
+    monkeypatch.setattr(database, "MIGRATIONS_DIR", extra)
     s = Store(path)
     assert s.schema_version() == 999
     cols = {r["column_name"] for r in s.query(
@@ -73,7 +73,7 @@ def test_failed_migration_rolls_back(tmp_path, monkeypatch):
     extra = tmp_path / "migrations"
     extra.mkdir()
     (extra / "001_bad.sql").write_text("CREATE TABLE t (a INT); SELECT * FROM no_such_table;")
-    monkeypatch.setattr(store_mod, "MIGRATIONS_DIR", extra)
+    monkeypatch.setattr(database, "MIGRATIONS_DIR", extra)
     with pytest.raises(duckdb.Error):
         Store(tmp_path / "a.duckdb")
     monkeypatch.undo()
@@ -89,7 +89,7 @@ def test_second_process_gets_clear_lock_error(tmp_path):
             f"try:\n    Store({str(path)!r})\nexcept StoreLockedError as e:\n    print('LOCKED', e); sys.exit(0)\n"
             "sys.exit(1)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=store_mod.config.REPO_DIR)
+                         cwd=config.REPO_DIR)
     assert out.returncode == 0, out.stderr
     assert "in use by another process" in out.stdout
     s.close()
@@ -113,9 +113,9 @@ def test_system_ids_migration_converts_label_keyed_rows(tmp_path, monkeypatch):
 
     old = tmp_path / "old-migrations"
     old.mkdir()
-    for p in sorted(store_mod.MIGRATIONS_DIR.glob("[0-9]*"))[:2]:  # 001 and 002 only
+    for p in sorted(database.MIGRATIONS_DIR.glob("[0-9]*"))[:2]:  # 001 and 002 only
         (old / p.name).write_text(p.read_text())
-    monkeypatch.setattr(store_mod, "MIGRATIONS_DIR", old)
+    monkeypatch.setattr(database, "MIGRATIONS_DIR", old)
     path = tmp_path / "a.duckdb"
     s = Store(path)
     systems = [{"kind": "local", "model": "m", "adapter": "__base__", "rag": False, "base_url": None,
