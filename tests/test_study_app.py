@@ -6,8 +6,9 @@ after the evaluation's first judgment; resumed to the end by the CLI. Then: the 
 resumed from its checkpoint, the adapters were not trained again, every answer and judgment key
 was written exactly once, nothing finished was redone; the app's grid, figure and report, whose
 numbers equal a SQL recomputation from the judgments table; the CLI's report on the same data; the
-study's own rows and its HTML export. (The only full study run of the test suite: keep it that
-way; tests/test_study.py tests the spec and the plan without a model.)"""
+study's own rows and its HTML export. (The suite's one run of this study: keep it that way;
+tests/test_study.py tests the spec and the plan without a model, tests/test_browser.py runs a
+smaller, one-size study from the tab.)"""
 from __future__ import annotations
 
 import json
