@@ -1,9 +1,10 @@
 """A person's flows in a real headless chromium (Debian's package, driven by playwright).
 
 One app and one page serve the whole module; the tests run in file order and build on each other
-(the RAG test's index is the Evaluate test's pipeline), and the last one photographs every tab.
-Screenshots go to SCREENSHOT_DIR (default: the module's tmp dir); `make screenshots` writes them
-to docs/ for the README."""
+(the RAG test's index is the Evaluate and 2x2 tests' pipeline), and the last ones photograph every
+tab. Screenshots go to SCREENSHOT_DIR (default: the module's tmp dir); `make screenshots` writes
+them to docs/ for the README, with docs/compare-2x2.gif (the 2x2 compare streaming), whose frames
+are captured only when SCREENSHOT_DIR is set."""
 import json
 import os
 import re
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from core.testhooks import GATE_ENV
-from tests.app_server import running_app
+from scripts import gif
+from tests.app_server import REPO, running_app
 from tests.gates import Gate
 from tests.test_study import TINY
 
@@ -24,6 +26,9 @@ ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-f
 WIDTH, HEIGHT = 1280, 800
 TABS = ["Data", "Fine-tune", "RAG", "Compare", "Evaluate", "Study", "Jobs"]
 BASE = "smollm2-135m-instruct (base)"
+GIF = "compare-2x2.gif"
+FRAME_MS = 300  # between captures of the streaming answers (pacing only: nothing is asserted on it)
+MAX_CAPTURES = 400  # scripts.gif keeps at most gif.MAX_FRAMES of them, evenly spaced
 # The page's own copy of every server message (Gradio streams them over fetch): a test reads the
 # Vega-Lite spec a gr.Plot received from here, not from pixels.
 RECORD_MESSAGES = """
@@ -288,6 +293,72 @@ def test_evaluate_summary_shows_diff_at_1280_px_and_the_chart_groups_bars(page):
     assert {row["system"] for row in data} == set(labels)
 
 
+def test_the_2x2_preset_answers_four_systems_in_one_go(page, shots, tmp_path):
+    """Base and a LoRA adapter (random weights, so it answers differently), each without and with
+    the RAG test's index, answer one question. With SCREENSHOT_DIR set, the answer grid is
+    photographed while it streams: the README's docs/compare-2x2.gif."""
+    from tests.servers import make_lora_adapters
+    folder = make_lora_adapters(tmp_path, ["browser-lora"])["browser-lora"]
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.get_by_label("Load an adapter: folder or Hub id").fill(str(folder))
+    page.get_by_role("button", name="Load adapter", exact=True).click()
+    page.get_by_text("Loaded adapter browser-lora").wait_for(timeout=120_000)
+
+    page.get_by_role("tab", name="Compare").click()
+    tie = page.get_by_role("button", name="tie", exact=True)
+    page.get_by_role("button", name="Clear", exact=True).click()  # the last test's answers
+    page.wait_for_function("el => el.disabled", arg=tie.element_handle(), timeout=60_000)
+    page.get_by_label("Question", exact=True).fill("Which gene is mutated in cystic fibrosis?")
+    page.get_by_label("RAG pipeline (built index)").click()
+    page.get_by_role("option", name="bioasq-hybrid", exact=True).click()
+    page.get_by_role("button", name=re.compile(r"^2×2 preset")).click()
+    page.wait_for_function("el => el.value === 'browser-lora'", timeout=60_000,
+                           arg=page.get_by_label("System 3", exact=True).filter(visible=True)
+                           .element_handle())
+    page.get_by_text("Decoding (shared by every system)").click()
+    page.get_by_label("number input for Max new tokens").fill("48")  # short: 2 shared cores
+    page.get_by_role("button", name="Compare", exact=True).click()
+    labels = [f"1. {BASE} · no RAG", f"2. {BASE} · RAG bioasq-hybrid",
+              "3. browser-lora · no RAG", "4. browser-lora · RAG bioasq-hybrid"]
+    page.get_by_label(labels[3], exact=True).wait_for(timeout=120_000)  # retrieved: all shown
+    grid = page.locator("#compare-answers")
+    photograph = bool(os.environ.get("SCREENSHOT_DIR"))  # off in CI: no frames, no cost
+    frames = []
+    while photograph and tie.is_disabled() and len(frames) < MAX_CAPTURES:
+        frames.append(grid.screenshot())
+        page.wait_for_timeout(FRAME_MS)
+    page.wait_for_function("el => !el.disabled", arg=tie.element_handle(), timeout=900_000)
+    if photograph:
+        gif.assemble([*frames, grid.screenshot()], shots / GIF,
+                      header=page.locator("#compare-question").screenshot())
+
+    answers = [page.get_by_label(label, exact=True).input_value() for label in labels]
+    assert all(answer.strip() for answer in answers), answers
+    assert answers[2] != answers[0] and answers[3] != answers[1], answers  # the adapter counts
+    # One statistics line per system, each within the 48 new tokens asked for.
+    tokens = [int(n) for n in re.findall(r"(\d+) tokens · [\d.]+ tokens/s", grid.inner_text())]
+    assert len(tokens) == 4 and all(0 < n <= 48 for n in tokens), grid.inner_text()
+    page.get_by_text("CFTR").filter(visible=True).first.wait_for()  # the chunks, retrieved once
+    assert page.get_by_role("button", name="A: base is better").is_enabled()
+    assert page.get_by_role("button", name="B: base + RAG is better").is_enabled()
+
+
+def shot_name(tab: str) -> str:
+    return f"tab-{tab.lower()}.png"
+
+
+def test_the_gallery_is_every_tab_the_app_has_and_the_readme_shows_it(page):
+    """The screenshots below cover exactly the app's tabs, and the README shows each of them
+    (and the 2x2 GIF), so a tab added or renamed cannot leave the pictures stale."""
+    shown = page.get_by_role("tab").filter(visible=True).all_inner_texts()
+    assert [name.strip() for name in shown] == TABS
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    expected = {shot_name(tab) for tab in TABS}
+    assert set(re.findall(r"\(docs/(tab-[\w-]+\.png)\)", readme)) == expected
+    assert {p.name for p in (REPO / "docs").glob("tab-*.png")} == expected
+    assert f"(docs/{GIF})" in readme and (REPO / "docs" / GIF).is_file()
+
+
 @pytest.mark.parametrize("tab", TABS)
 def test_screenshot_of_every_tab(page, shots, tab):
     """Each tab at 1280x800, scrolled to what it is about, as a PNG a reviewer can open."""
@@ -298,6 +369,6 @@ def test_screenshot_of_every_tab(page, shots, tab):
              "Evaluate": page.get_by_label("Run", exact=True)}.get(tab)
     if focus is not None:
         focus.evaluate("el => el.scrollIntoView({block: 'start'})")
-    path = shots / f"tab-{tab.lower()}.png"
+    path = shots / shot_name(tab)
     page.screenshot(path=str(path))
     assert path.stat().st_size > 10_000

@@ -47,7 +47,8 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
                 "same prompt template and decoding, and all local systems answer in one batch.")
     with gr.Row():
         question = gr.Textbox(label="Question", lines=2, max_lines=8, scale=3,
-                              placeholder="e.g. Which gene is mutated in cystic fibrosis?")
+                              placeholder="e.g. Which gene is mutated in cystic fibrosis?",
+                              elem_id="compare-question")
         with gr.Column(scale=2):
             dataset = gr.Dropdown(services.datasets.ids(), value=None, label="…or pick from a "
                                   "dataset's eval split", allow_custom_value=True)
@@ -95,7 +96,7 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
     chunks = gr.Dataframe(label="Retrieved chunks (shared by every RAG system)", wrap=True,
                           interactive=False, visible=False)
     answers, stats = [], []
-    with gr.Row():
+    with gr.Row(elem_id="compare-answers"):
         for i in range(MAX_SYSTEMS):
             with gr.Column(min_width=160):
                 answers.append(gr.Textbox(label=f"System {i + 1}", lines=8, interactive=False,
