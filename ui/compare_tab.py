@@ -144,9 +144,10 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         out += [c.stats for c in state.columns] + [""] * (MAX_SYSTEMS - n)
         record = state if final else None
         numbers = [(f"{i}. {short_name(c.system)}", i) for i, c in enumerate(state.columns, 1)]
+        # No columns (cleared): no choices and no value, which the vote pickers' change accepts.
         out += [record,
-                gr.update(choices=numbers, value=1, interactive=final and n > 1),
-                gr.update(choices=numbers, value=min(2, n), interactive=final and n > 1)]
+                gr.update(choices=numbers, value=1 if n else None, interactive=final and n > 1),
+                gr.update(choices=numbers, value=min(2, n) or None, interactive=final and n > 1)]
         out += [gr.update(value=label, interactive=final)
                 for label in vote_labels(state.columns, 1, min(2, n))]
         return out
