@@ -2,7 +2,7 @@
 (docs/compare-2x2.gif), taken from the running app by tests/test_browser.py when SCREENSHOT_DIR is
 set (`make screenshots`).
 
-    python -m scripts.gif OUT.gif FRAME.png [FRAME.png ...] [--header HEADER.png]
+    python -m scripts.gif OUT.gif FRAME.png [FRAME.png ...] [--header HEADER.png] [--box L T R B]
 
 Frames are shown at a fixed pace (a time-lapse: the 2-core CPU streams much slower than this), the
 last one held; identical neighbours are dropped, and a long capture keeps evenly spaced frames.
@@ -72,9 +72,14 @@ def stacked(header: Image.Image | None, frame: Image.Image, size: tuple[int, int
 
 
 def assemble(frames: Sequence[bytes | Path], out: Path, header: bytes | Path | None = None,
-             width: int = WIDTH, max_frames: int = MAX_FRAMES) -> int:
-    """Write the GIF to `out`; returns how many frames it has."""
-    images = trimmed(spread(distinct([opened(f) for f in frames]), max_frames))
+             box: tuple[float, float, float, float] | None = None, width: int = WIDTH,
+             max_frames: int = MAX_FRAMES) -> int:
+    """Write the GIF to `out`; returns how many frames it has. `box` (left, top, right, bottom):
+    the part of each frame to show (e.g. one element of a page screenshot)."""
+    images = [opened(f) for f in frames]
+    if box is not None:
+        images = [im.crop(tuple(round(v) for v in box)) for im in images]
+    images = trimmed(spread(distinct(images), max_frames))
     if not images:
         raise ValueError("no frames to assemble")
     top = opened(header) if header is not None else None
@@ -99,9 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("frames", type=Path, nargs="+")
     parser.add_argument("--header", type=Path, help="an image shown above every frame")
+    parser.add_argument("--box", type=float, nargs=4, metavar=("LEFT", "TOP", "RIGHT", "BOTTOM"),
+                        help="show only this part of each frame")
     parser.add_argument("--width", type=int, default=WIDTH)
     args = parser.parse_args(argv)
-    n = assemble(args.frames, args.out, args.header, args.width)
+    n = assemble(args.frames, args.out, args.header, args.box, args.width)
     print(f"{args.out}: {n} frames, {args.out.stat().st_size / 1e6:.2f} MB")
 
 

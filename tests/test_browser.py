@@ -5,10 +5,12 @@ One app and one page serve the whole module; the tests run in file order and bui
 tab. Screenshots go to SCREENSHOT_DIR (default: the module's tmp dir); `make screenshots` writes
 them to docs/ for the README, with docs/compare-2x2.gif (the 2x2 compare streaming), whose frames
 are captured only when SCREENSHOT_DIR is set."""
+import base64
 import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ WIDTH, HEIGHT = 1280, 800
 TABS = ["Data", "Fine-tune", "RAG", "Compare", "Evaluate", "Study", "Jobs"]
 BASE = "smollm2-135m-instruct (base)"
 GIF = "compare-2x2.gif"
-FRAME_MS = 300  # between captures of the streaming answers (pacing only: nothing is asserted on it)
+FRAME_MS = 300  # between frames of the streaming answers (pacing only: nothing is asserted on it)
 MAX_CAPTURES = 400  # scripts.gif keeps at most gif.MAX_FRAMES of them, evenly spaced
 # The page's own copy of every server message (Gradio streams them over fetch): a test reads the
 # Vega-Lite spec a gr.Plot received from here, not from pixels.
@@ -294,10 +296,50 @@ def test_evaluate_summary_shows_diff_at_1280_px_and_the_chart_groups_bars(page):
     assert {row["system"] for row in data} == set(labels)
 
 
-def clip_of(page, locator) -> bytes:
-    """What `locator` shows now, cut from the viewport: unlike an element screenshot it does not
-    wait for the element to stand still, which a grid of streaming answers never does."""
-    return page.screenshot(clip=locator.bounding_box())
+# The box (left, top, right, bottom) around the grid's columns that show an answer.
+SHOWN_COLUMNS = """el => {
+  const rects = [...el.querySelectorAll('.column')]
+    .filter(c => [...c.querySelectorAll('textarea')].some(t => t.offsetParent !== null))
+    .map(c => c.getBoundingClientRect());
+  return [Math.min(...rects.map(r => r.left)), Math.min(...rects.map(r => r.top)),
+          Math.max(...rects.map(r => r.right)), Math.max(...rects.map(r => r.bottom))];
+}"""
+
+
+# While the grid is filmed: animations stop, so a frame means a change of content, and what
+# follows the grid is not painted, as the grid grows over it when the answers get longer.
+FILMING = ("*, *::before, *::after {animation: none !important; transition: none !important} "
+           "#compare-answers ~ * {opacity: 0}")  # not hidden: the test still finds the votes
+
+
+def painted_frames(page, until) -> list[bytes]:
+    """The viewport (PNG) as Chromium paints it (its screencast), until `until()` holds: at most
+    one frame per FRAME_MS, the newest kept. Screenshots would ask the renderer, starved while
+    the model streams on shared cores, for frames of its own (each took 1-17 s at load 6); the
+    screencast only passes on what it paints anyway. FILMING applies meanwhile."""
+    still = page.add_style_tag(content=FILMING)
+    cdp = page.context.new_cdp_session(page)
+    frames, kept_at = [], [float("-inf")]
+
+    def keep(event):
+        now = time.monotonic()
+        if now - kept_at[0] < FRAME_MS / 1000 or len(frames) >= MAX_CAPTURES:
+            frames.pop()
+        else:
+            kept_at[0] = now
+        frames.append(base64.b64decode(event["data"]))
+        cdp.send("Page.screencastFrameAck", {"sessionId": event["sessionId"]})
+
+    cdp.on("Page.screencastFrame", keep)
+    cdp.send("Page.startScreencast", {"format": "png"})
+    try:
+        while not until():
+            page.wait_for_timeout(FRAME_MS)
+    finally:
+        cdp.send("Page.stopScreencast")
+        cdp.detach()
+        still.evaluate("el => el.remove()")
+    return frames
 
 
 def test_the_2x2_preset_answers_four_systems_in_one_go(page, shots, tmp_path):
@@ -333,16 +375,17 @@ def test_the_2x2_preset_answers_four_systems_in_one_go(page, shots, tmp_path):
     frames = []
     if photograph:
         grid.evaluate("el => el.scrollIntoView({block: 'start'})")
-    while photograph and tie.is_disabled() and len(frames) < MAX_CAPTURES:
-        frames.append(clip_of(page, grid))
-        page.wait_for_timeout(FRAME_MS)
+        frames = painted_frames(page, until=tie.is_enabled)
     page.wait_for_function("el => !el.disabled", arg=tie.element_handle(), timeout=900_000)
-    if photograph:
+    if photograph:  # the last frame once the event ended (its outputs' orange borders gone)
+        page.wait_for_function("el => !el.querySelector('.generating')",
+                               arg=grid.element_handle(), timeout=60_000)
+        box = grid.evaluate(SHOWN_COLUMNS)
+        frames.append(page.screenshot())
         question = page.locator("#compare-question")
         question.evaluate("el => el.scrollIntoView({block: 'start'})")
-        header = clip_of(page, question)
-        grid.evaluate("el => el.scrollIntoView({block: 'start'})")
-        gif.assemble([*frames, clip_of(page, grid)], shots / GIF, header=header)
+        gif.assemble(frames, shots / GIF, header=page.screenshot(clip=question.bounding_box()),
+                     box=box)
 
     answers = [page.get_by_label(label, exact=True).input_value() for label in labels]
     assert all(answer.strip() for answer in answers), answers

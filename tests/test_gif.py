@@ -64,6 +64,9 @@ def test_the_command_line_writes_the_file(tmp_path, capsys):
     assert "2 frames" in capsys.readouterr().out
     durations, sizes = frames_of(tmp_path / "b.gif")
     assert len(durations) == 2 and max(sizes)[0] < gif.WIDTH  # narrow: not enlarged
+    # --box keeps one part of each frame: the first row of blocks, 8 px around what it shows.
+    gif.main([str(tmp_path / "c.gif"), *map(str, paths), "--box", "0", "0", "800", "34"])
+    assert frames_of(tmp_path / "c.gif")[1] == {(800 - 12, 34 - 12)}
 
 
 def test_no_frames_is_an_error(tmp_path):
