@@ -1,19 +1,23 @@
 """A person's flows in a real headless chromium (Debian's package, driven by playwright).
 
 One app and one page serve the whole module; the tests run in file order and build on each other
-(the RAG test's index is the Evaluate test's pipeline), and the last one photographs every tab.
-Screenshots go to SCREENSHOT_DIR (default: the module's tmp dir); `make screenshots` writes them
-to docs/ for the README."""
+(the RAG test's index is the Evaluate and 2x2 tests' pipeline), and the last ones photograph every
+tab. Screenshots go to SCREENSHOT_DIR (default: the module's tmp dir); `make screenshots` writes
+them to docs/ for the README, with docs/compare-2x2.gif (the 2x2 compare streaming), whose frames
+are captured only when SCREENSHOT_DIR is set."""
+import base64
 import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from core.testhooks import GATE_ENV
-from tests.app_server import running_app
+from scripts import gif
+from tests.app_server import REPO, running_app
 from tests.gates import Gate
 from tests.test_study import TINY
 
@@ -24,6 +28,9 @@ ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-f
 WIDTH, HEIGHT = 1280, 800
 TABS = ["Data", "Fine-tune", "RAG", "Compare", "Evaluate", "Study", "Jobs"]
 BASE = "smollm2-135m-instruct (base)"
+GIF = "compare-2x2.gif"
+FRAME_MS = 300  # between frames of the streaming answers (pacing only: nothing is asserted on it)
+MAX_CAPTURES = 400  # scripts.gif keeps at most gif.MAX_FRAMES of them, evenly spaced
 # The page's own copy of every server message (Gradio streams them over fetch): a test reads the
 # Vega-Lite spec a gr.Plot received from here, not from pixels.
 RECORD_MESSAGES = """
@@ -268,7 +275,8 @@ def test_evaluate_summary_shows_diff_at_1280_px_and_the_chart_groups_bars(page):
     assert not page.get_by_label("Samples (sampling)").is_visible()  # logprobs: no samples
     page.get_by_role("button", name="Start evaluation").click()
     page.get_by_text("Started run").wait_for(timeout=60_000)
-    page.get_by_text(re.compile(r"^done · 100%")).wait_for(timeout=1_200_000)
+    # The Study tab (hidden now) shows its own finished job's line.
+    page.get_by_text(re.compile(r"^done · 100%")).filter(visible=True).wait_for(timeout=1_200_000)
     summary = page.locator("#eval-summary")
     page.wait_for_function("el => el.innerText.includes('RAG bioasq-hybrid')",
                            arg=summary.element_handle(), timeout=60_000)
@@ -288,6 +296,124 @@ def test_evaluate_summary_shows_diff_at_1280_px_and_the_chart_groups_bars(page):
     assert {row["system"] for row in data} == set(labels)
 
 
+# The box (left, top, right, bottom) around the grid's columns that show an answer.
+SHOWN_COLUMNS = """el => {
+  const rects = [...el.querySelectorAll('.column')]
+    .filter(c => [...c.querySelectorAll('textarea')].some(t => t.offsetParent !== null))
+    .map(c => c.getBoundingClientRect());
+  return [Math.min(...rects.map(r => r.left)), Math.min(...rects.map(r => r.top)),
+          Math.max(...rects.map(r => r.right)), Math.max(...rects.map(r => r.bottom))];
+}"""
+
+
+# While the grid is filmed: animations stop, so a frame means a change of content, and what
+# follows the grid is not painted, as the grid grows over it when the answers get longer.
+FILMING = ("*, *::before, *::after {animation: none !important; transition: none !important} "
+           "#compare-answers ~ * {opacity: 0}")  # not hidden: the test still finds the votes
+
+
+def painted_frames(page, until) -> list[bytes]:
+    """The viewport (PNG) as Chromium paints it (its screencast), until `until()` holds: at most
+    one frame per FRAME_MS, the newest kept. Screenshots would ask the renderer, starved while
+    the model streams on shared cores, for frames of its own (each took 1-17 s at load 6); the
+    screencast only passes on what it paints anyway. FILMING applies meanwhile."""
+    still = page.add_style_tag(content=FILMING)
+    cdp = page.context.new_cdp_session(page)
+    frames, kept_at = [], [float("-inf")]
+
+    def keep(event):
+        now = time.monotonic()
+        if now - kept_at[0] < FRAME_MS / 1000 or len(frames) >= MAX_CAPTURES:
+            frames.pop()
+        else:
+            kept_at[0] = now
+        frames.append(base64.b64decode(event["data"]))
+        cdp.send("Page.screencastFrameAck", {"sessionId": event["sessionId"]})
+
+    cdp.on("Page.screencastFrame", keep)
+    cdp.send("Page.startScreencast", {"format": "png"})
+    try:
+        while not until():
+            page.wait_for_timeout(FRAME_MS)
+    finally:
+        cdp.send("Page.stopScreencast")
+        cdp.detach()
+        still.evaluate("el => el.remove()")
+    return frames
+
+
+def test_the_2x2_preset_answers_four_systems_in_one_go(page, shots, tmp_path):
+    """Base and a LoRA adapter (random weights, so it answers differently), each without and with
+    the RAG test's index, answer one question. With SCREENSHOT_DIR set, the answer grid is
+    photographed while it streams: the README's docs/compare-2x2.gif."""
+    from tests.servers import make_lora_adapters
+    folder = make_lora_adapters(tmp_path, ["browser-lora"])["browser-lora"]
+    page.get_by_role("tab", name="Fine-tune").click()
+    page.get_by_label("Load an adapter: folder or Hub id").fill(str(folder))
+    page.get_by_role("button", name="Load adapter", exact=True).click()
+    page.get_by_text("Loaded adapter browser-lora").wait_for(timeout=120_000)
+
+    page.get_by_role("tab", name="Compare").click()
+    tie = page.get_by_role("button", name="tie", exact=True)
+    page.get_by_role("button", name="Clear", exact=True).click()  # the last test's answers
+    page.wait_for_function("el => el.disabled", arg=tie.element_handle(), timeout=60_000)
+    page.get_by_label("Question", exact=True).fill("Which gene is mutated in cystic fibrosis?")
+    page.get_by_label("RAG pipeline (built index)").click()
+    page.get_by_role("option", name="bioasq-hybrid", exact=True).click()
+    page.get_by_role("button", name=re.compile(r"^2×2 preset")).click()
+    page.wait_for_function("el => el.value === 'browser-lora'", timeout=60_000,
+                           arg=page.get_by_label("System 3", exact=True).filter(visible=True)
+                           .element_handle())
+    page.get_by_text("Decoding (shared by every system)").click()
+    page.get_by_label("number input for Max new tokens").fill("48")  # short: 2 shared cores
+    page.get_by_role("button", name="Compare", exact=True).click()
+    labels = [f"1. {BASE} · no RAG", f"2. {BASE} · RAG bioasq-hybrid",
+              "3. browser-lora · no RAG", "4. browser-lora · RAG bioasq-hybrid"]
+    page.get_by_label(labels[3], exact=True).wait_for(timeout=120_000)  # retrieved: all shown
+    grid = page.locator("#compare-answers")
+    photograph = bool(os.environ.get("SCREENSHOT_DIR"))  # off in CI: no frames, no cost
+    frames = []
+    if photograph:
+        grid.evaluate("el => el.scrollIntoView({block: 'start'})")
+        frames = painted_frames(page, until=tie.is_enabled)
+    page.wait_for_function("el => !el.disabled", arg=tie.element_handle(), timeout=900_000)
+    if photograph:  # the last frame once the event ended (its outputs' orange borders gone)
+        page.wait_for_function("el => !el.querySelector('.generating')",
+                               arg=grid.element_handle(), timeout=60_000)
+        box = grid.evaluate(SHOWN_COLUMNS)
+        frames.append(page.screenshot())
+        question = page.locator("#compare-question")
+        question.evaluate("el => el.scrollIntoView({block: 'start'})")
+        gif.assemble(frames, shots / GIF, header=page.screenshot(clip=question.bounding_box()),
+                     box=box)
+
+    answers = [page.get_by_label(label, exact=True).input_value() for label in labels]
+    assert all(answer.strip() for answer in answers), answers
+    assert answers[2] != answers[0] and answers[3] != answers[1], answers  # the adapter counts
+    # One statistics line per system, each within the 48 new tokens asked for.
+    tokens = [int(n) for n in re.findall(r"(\d+) tokens · [\d.]+ tokens/s", grid.inner_text())]
+    assert len(tokens) == 4 and all(0 < n <= 48 for n in tokens), grid.inner_text()
+    page.get_by_text("CFTR").filter(visible=True).first.wait_for()  # the chunks, retrieved once
+    assert page.get_by_role("button", name="A: base is better").is_enabled()
+    assert page.get_by_role("button", name="B: base + RAG is better").is_enabled()
+
+
+def shot_name(tab: str) -> str:
+    return f"tab-{tab.lower()}.png"
+
+
+def test_the_gallery_is_every_tab_the_app_has_and_the_readme_shows_it(page):
+    """The screenshots below cover exactly the app's tabs, and the README shows each of them
+    (and the 2x2 GIF), so a tab added or renamed cannot leave the pictures stale."""
+    shown = page.get_by_role("tab").filter(visible=True).all_inner_texts()
+    assert [name.strip() for name in shown] == TABS
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    expected = {shot_name(tab) for tab in TABS}
+    assert set(re.findall(r"\(docs/(tab-[\w-]+\.png)\)", readme)) == expected
+    assert {p.name for p in (REPO / "docs").glob("tab-*.png")} == expected
+    assert f"(docs/{GIF})" in readme and (REPO / "docs" / GIF).is_file()
+
+
 @pytest.mark.parametrize("tab", TABS)
 def test_screenshot_of_every_tab(page, shots, tab):
     """Each tab at 1280x800, scrolled to what it is about, as a PNG a reviewer can open."""
@@ -298,6 +424,6 @@ def test_screenshot_of_every_tab(page, shots, tab):
              "Evaluate": page.get_by_label("Run", exact=True)}.get(tab)
     if focus is not None:
         focus.evaluate("el => el.scrollIntoView({block: 'start'})")
-    path = shots / f"tab-{tab.lower()}.png"
+    path = shots / shot_name(tab)
     page.screenshot(path=str(path))
     assert path.stat().st_size > 10_000

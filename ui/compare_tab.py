@@ -47,7 +47,8 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
                 "same prompt template and decoding, and all local systems answer in one batch.")
     with gr.Row():
         question = gr.Textbox(label="Question", lines=2, max_lines=8, scale=3,
-                              placeholder="e.g. Which gene is mutated in cystic fibrosis?")
+                              placeholder="e.g. Which gene is mutated in cystic fibrosis?",
+                              elem_id="compare-question")
         with gr.Column(scale=2):
             dataset = gr.Dropdown(services.datasets.ids(), value=None, label="…or pick from a "
                                   "dataset's eval split", allow_custom_value=True)
@@ -95,7 +96,7 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
     chunks = gr.Dataframe(label="Retrieved chunks (shared by every RAG system)", wrap=True,
                           interactive=False, visible=False)
     answers, stats = [], []
-    with gr.Row():
+    with gr.Row(elem_id="compare-answers"):
         for i in range(MAX_SYSTEMS):
             with gr.Column(min_width=160):
                 answers.append(gr.Textbox(label=f"System {i + 1}", lines=8, interactive=False,
@@ -143,9 +144,10 @@ def build(services: Services, keys: gr.State, page: gr.Blocks, tab: gr.Tab) -> N
         out += [c.stats for c in state.columns] + [""] * (MAX_SYSTEMS - n)
         record = state if final else None
         numbers = [(f"{i}. {short_name(c.system)}", i) for i, c in enumerate(state.columns, 1)]
+        # No columns (cleared): no choices and no value, which the vote pickers' change accepts.
         out += [record,
-                gr.update(choices=numbers, value=1, interactive=final and n > 1),
-                gr.update(choices=numbers, value=min(2, n), interactive=final and n > 1)]
+                gr.update(choices=numbers, value=1 if n else None, interactive=final and n > 1),
+                gr.update(choices=numbers, value=min(2, n) or None, interactive=final and n > 1)]
         out += [gr.update(value=label, interactive=final)
                 for label in vote_labels(state.columns, 1, min(2, n))]
         return out
