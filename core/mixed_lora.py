@@ -71,8 +71,8 @@ def _covered(layer: nn.Module, name: str, first: torch.Tensor) -> bool:
 class _PerRow:
     """A layer's `_mixed_batch_forward`, same signature and result as peft's."""
 
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
+    def __init__(self, layer: nn.Module, variant_keys: list[str]) -> None:
+        self.layer, self.variant_keys = layer, variant_keys  # variant_keys: peft's, e.g. aLoRA offsets
         self.stack: _Stack | None = None
         self.batches: dict[tuple[str, ...], Any] = {}  # adapter_names -> _Stack.rows
 
@@ -80,11 +80,12 @@ class _PerRow:
         layer = self.layer
         rows = _PEFT
         if (x.dim() == 3 and not layer.training and not torch.is_grad_enabled()
-                and kwargs.get("alora_offsets") is None):
+                and all(kwargs.get(k) is None for k in self.variant_keys)):
             rows = self._rows(tuple(adapter_names))
         if rows is _PEFT:
             return type(layer)._mixed_batch_forward(layer, x, *args, adapter_names=adapter_names, **kwargs)
-        kwargs.pop("alora_offsets", None)  # a variant argument: never the base layer's
+        for key in self.variant_keys:  # peft passes them as None; never the base layer's
+            kwargs.pop(key, None)
         result = layer.base_layer(x, *args, **kwargs)
         if rows is None:
             return result
@@ -116,9 +117,11 @@ def _lora_linears(model: nn.Module) -> list[nn.Module]:
 def install(model: nn.Module) -> int:
     """Answer `model`'s mixed-adapter batches by the per-row path, with fresh (lazily built)
     stacks; returns how many layers it covers. Call after every change to the adapters."""
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
     layers = _lora_linears(model)
     for layer in layers:
-        layer._mixed_batch_forward = _PerRow(layer)
+        layer._mixed_batch_forward = _PerRow(layer, VARIANT_KWARG_KEYS)
     return len(layers)
 
 
