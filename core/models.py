@@ -9,6 +9,8 @@ them as rows of one batch (compare does), which costs about as much as one answe
 greedy generate/stream requests of different callers (visitors) are merged the same way: those that
 arrive within BATCH_WINDOW_MS of each other, or while a batch runs, share the next batch
 (core/batcher.py; each caller sees only its own rows, and a cancel drops only its own request).
+Rows of one batch with different adapters add their LoRA terms by gathered batched matmuls
+(core/mixed_lora.py) instead of peft's loop over the adapters in every layer.
 
 Memory cap: at most MAX_LOADED_MODELS base models stay loaded; loading one more evicts the least
 recently used (every call touches its model). A model mid-call holds its lock and is never evicted:
@@ -38,6 +40,7 @@ from core.batcher import Batcher
 from core.gpu import zero_gpu
 from core.generation import (GenerationStream, GenParams, Generation, Prompt, chat_text, encode,
                              generate_batch, generate_grouped)
+from core.mixed_lora import install as install_per_row_lora
 from core.model_files import (AdapterError, ModelNotFoundError, ResolvedModel, UnsupportedModelError,
                               adapter_folder, adapter_name, check_allowed, check_fits, fingerprint,
                               hub_unavailable, load_path, resolve)
@@ -133,6 +136,7 @@ def _attach(entry: LoadedModel, folder: Path, name: str) -> None:
         entry.model = PeftModel.from_pretrained(entry.model, str(folder), adapter_name=name,
                                                 is_trainable=False)
     entry.model.eval()  # adapter_names batches refuse training mode
+    install_per_row_lora(entry.model)  # mixed-adapter batches without peft's loop; fresh stacks
 
 
 class ModelHub:
