@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from typing import Callable, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -34,14 +35,36 @@ def zero_gpu() -> bool:
     return bool(getattr(getattr(spaces_config, "Config", None), "zero_gpu", False))
 
 
+_fork_guarded = False
+
+
+def _one_thread_in_forked_worker() -> None:
+    """A forked child must not enter an OpenMP parallel region: torch's CPU ops run on libgomp,
+    whose thread pool the parent started (model loading, the thread probe) and which does not
+    exist in the child, so its first multi-threaded op waits forever on those threads (seen
+    here: a ZeroGPU stand-in worker stuck in `cos` under libgomp). One thread runs every op
+    inline; a ZeroGPU worker's work is on the GPU anyway."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _guard_forks() -> None:
+    global _fork_guarded
+    if not _fork_guarded:
+        os.register_at_fork(after_in_child=_one_thread_in_forked_worker)
+        _fork_guarded = True
+
+
 def gpu_task(duration: int = DEFAULT_SECONDS) -> Callable[[F], F]:
     """`spaces.GPU(duration=...)` on ZeroGPU, decided when the function is decorated; else the
-    function unchanged."""
+    function unchanged. On ZeroGPU, forked workers run torch on one CPU thread."""
     def decorate(fn: F) -> F:
         if not zero_gpu():
             return fn
         import spaces
 
+        _guard_forks()
         logger.info("ZeroGPU: %s runs as a GPU task (up to %d s)", fn.__qualname__, duration)
         return spaces.GPU(duration=duration)(fn)
     return decorate

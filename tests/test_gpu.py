@@ -64,9 +64,10 @@ def fake_spaces(root: Path) -> Path:
     return root
 
 
-def run_python(code: str, path: Path | None = None, zero_gpu: bool = False, timeout: float = 120) -> dict:
+def run_python(code: str, path: Path | None = None, zero_gpu: bool = False, timeout: float = 120,
+               **extra_env: str) -> dict:
     """Run `code` (which prints one JSON line last) in a fresh interpreter from the repo root."""
-    env = {k: v for k, v in os.environ.items() if k != "SPACES_ZERO_GPU"}
+    env = {k: v for k, v in os.environ.items() if k != "SPACES_ZERO_GPU"} | extra_env
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(path) if path else "", str(REPO)) if p)
     if zero_gpu:
         env["SPACES_ZERO_GPU"] = "true"
@@ -110,6 +111,8 @@ def test_on_zero_gpu_the_decorator_is_spaces_gpu(tmp_path):
 JUDGE_AND_GENERATE = """
 import json
 import spaces
+import torch
+from core import gpu
 from core.generation import GenParams
 from core.judges import LocalJudge
 from core.model_files import SMOLLM2
@@ -124,19 +127,27 @@ scores = dict(judge.score_slots(prompts, ["1", "2", "3", "4", "5"], "Score:"))
 texts = judge.complete(prompts, max_new_tokens=6)
 reply = LocalChatGenerator(SMOLLM2, {"max_new_tokens": 6}).run(
     [ChatMessage.from_user("When was the Eiffel Tower completed?")])["replies"][0].text
+calls = [name for name, _ in spaces.CALLS]
 print(json.dumps({"scores": {i: s.probs for i, s in scores.items()}, "texts": texts, "reply": reply,
-                  "calls": [name for name, _ in spaces.CALLS], "merging": get_hub()._batch_window_s > 0}))
+                  "calls": calls, "merging": get_hub()._batch_window_s > 0,
+                  "threads": torch.get_num_threads(),
+                  "task_threads": gpu.gpu_task()(torch.get_num_threads)()}))
 """
 
 
 @pytest.mark.integration
 def test_the_decorated_judge_and_generator_answer_the_same_through_a_zero_gpu_worker(tmp_path):
     path = fake_spaces(tmp_path)
-    plain = run_python(JUDGE_AND_GENERATE, path, timeout=300)
-    forked = run_python(JUDGE_AND_GENERATE, path, zero_gpu=True, timeout=300)
+    # Two threads in the parent, so that its OpenMP pool exists when the worker forks.
+    plain = run_python(JUDGE_AND_GENERATE, path, timeout=300, TORCH_THREADS="2")
+    forked = run_python(JUDGE_AND_GENERATE, path, zero_gpu=True, timeout=300, TORCH_THREADS="2")
     assert plain["calls"] == [] and plain["merging"]
     assert not forked["merging"]  # a forked worker must not wait on the main process's merger
     assert sorted(set(forked["calls"])) == ["_generate_on_gpu", "_score_on_gpu"]
+    # A forked worker runs torch on one thread (an OpenMP pool the parent started would hang it);
+    # the parent keeps its own count, and off ZeroGPU nothing changes.
+    assert forked["threads"] == plain["threads"] == plain["task_threads"] == 2
+    assert forked["task_threads"] == 1
     assert forked["texts"] == plain["texts"] and forked["reply"] == plain["reply"]
     for i, probs in plain["scores"].items():
         assert forked["scores"][i] == pytest.approx(probs, abs=1e-6)
