@@ -32,17 +32,22 @@ class SlabLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
-        if not self._in_buffer() or end > self._keys.shape[2]:
+        if not self.in_place() or self.keys.shape[2] + key_states.shape[2] > self.capacity:
             return super().update(key_states, value_states, *args, **kwargs)
+        start, end = self.keys.shape[2], self.keys.shape[2] + key_states.shape[2]
         self._keys[:, :, start:end] = key_states
         self._values[:, :, start:end] = value_states
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
 
-    def _in_buffer(self) -> bool:
-        """Whether keys/values are still the views this layer handed out (nothing replaced them)."""
-        return all(view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
+    @property
+    def capacity(self) -> int:
+        return self._keys.shape[2]
+
+    def in_place(self) -> bool:
+        """Whether keys/values are still views of the buffers (no fallback or other method
+        replaced them, reset did not drop them)."""
+        return self.keys is not None and all(view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
                    for view, buffer in ((self.keys, self._keys), (self.values, self._values)))
 
 
