@@ -11,6 +11,7 @@ import torch
 from core.batch_prefill import distinct_rows, join, joinable, length_groups, prefill_group
 from core.generation import GenParams, generate_batch, generate_grouped
 from core.kv_slab import SlabLayer
+from core.prefix_cache import batch_inputs, prefill
 from core.systems import BASE
 
 VOCAB, PAD = 96, 0
@@ -157,6 +158,29 @@ def test_the_joined_cache_decodes_as_a_dynamic_cache_in_place(model, stop_early)
     for layer in cache.layers:
         assert isinstance(layer, SlabLayer) and layer.in_place()
         assert (layer.keys.shape[2], layer.capacity) == (width + steps, width + steps)
+
+
+def test_a_batch_on_a_cached_prefix_decodes_in_place_as_on_a_dynamic_cache(model):
+    from transformers import DynamicCache
+
+    head, suffixes, steps = prompts([12])[0], prompts([3, 9, 5], seed=5), 6
+    with torch.inference_mode():
+        prefix = prefill(model, head, torch.device("cpu"), {"adapter_names": [BASE]})
+        outs = []
+        for on_slab in (True, False):
+            enc = batch_inputs(prefix, head, suffixes, PAD, torch.device("cpu"), full_ids=True,
+                               room=steps - 1)
+            cache = enc["past_key_values"]
+            if not on_slab:
+                enc["past_key_values"] = DynamicCache([(layer.keys, layer.values) for layer in cache.layers])
+            outs.append(model.generate(**enc, max_new_tokens=steps, do_sample=False, pad_token_id=PAD,
+                                       adapter_names=[BASE] * 3, output_logits=True,
+                                       return_dict_in_generate=True))
+            if on_slab:
+                assert all(layer.in_place() and layer.keys.shape[2] == layer.capacity == 12 + 9 + steps - 1
+                           for layer in cache.layers)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(outs[0].logits, outs[1].logits))
 
 
 def test_a_slab_layer_writes_in_place_and_falls_back_when_full():
