@@ -2,10 +2,11 @@
 
 transformers' DynamicLayer appends each step's keys and values with `torch.cat`, which allocates
 and fills a new tensor holding the whole cache: for the Compare tab's joined 2x2 batch (4 rows x
-~600 slots x 30 layers, ~110 MB) that is a full copy of the cache per decoded token, a large
-share of the decode's CPU time. A SlabLayer holds its states in one buffer with room for every
-slot the decode will need (prompt width + new tokens), writes each step's states into the next
-free slots in place, and hands attention views of the filled part: the same values, shapes and
+~600 slots x 30 layers, ~110 MB) that is a full copy of the cache per decoded token (measured:
+~5% of a 4-row decode step on the 135M model, growing with rows x cached length). A SlabLayer
+holds its states in one buffer with room for every slot the decode will need (prompt width + new
+tokens), writes each step's states into the next free slots in place, and hands attention views
+of the filled part: the same values, shapes and
 masks a DynamicLayer would give (SDPA reads the strided views as they are), so greedy outputs do
 not change. transformers' StaticCache pre-allocates too, but attends over all of its slots and
 builds its masks for them; here nothing downstream of the layer sees a difference.
