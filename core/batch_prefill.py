@@ -5,7 +5,8 @@ prompts to the length of two ~600-token RAG prompts, and every column waits for 
 its first token. Here the rows are prefilled in groups of (nearly) equal prompt length, shortest
 first, each distinct (prompt ids, per-row kwargs) once; every group yields its rows' first tokens
 as soon as it is done. The groups' key/value states are then left-padded to one length and joined
-into one cache, from which `generate` decodes all rows together.
+into one cache with room for the new tokens (core.kv_slab), from which `generate` decodes all
+rows together.
 
 The joined cache is what a left-padded batch would hold: row i's states sit in the last L_i slots,
 computed at positions 0..L_i-1, the slots before them are masked out, and generate derives each
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from core.kv_slab import SlabCache
 from core.prefix_cache import KV, plain_layers
 
 # At most this share of a group's prefilled tokens may be padding: CPU prefill is compute-bound,
@@ -84,25 +86,32 @@ def prefill_group(model: Any, ids: list[list[int]], rows: list[int], pad_id: int
 
 
 def join(parts: list[Prefilled], source: list[int], ids: list[list[int]], first: list[int],
-         pad_id: int, device: torch.device, model_config: Any) -> dict[str, Any]:
+         pad_id: int, device: torch.device, room: int) -> dict[str, Any]:
     """Inputs for `generate` to decode every row on from its first token: row i takes the states
-    of row source[i] (its distinct twin), all left-padded to the longest prompt; input_ids end
-    with each row's first token, the one position the cache does not hold yet."""
+    of row source[i] (its distinct twin), all left-padded to the longest prompt, in a SlabCache
+    with `room` free slots after them (enough for the decode: it then never copies the cache);
+    input_ids end with each row's first token, the one position the cache does not hold yet."""
     width = max(p.mask.shape[1] for p in parts)
-    slot = {r: k for k, r in enumerate(r for p in parts for r in p.rows)}
-    order = torch.tensor([slot[s] for s in source], device=device)
+    where = {r: (p, j) for p in parts for j, r in enumerate(p.rows)}
+    rows = [where[s] for s in source]
 
-    def padded(tensors: list[torch.Tensor]) -> torch.Tensor:
-        joined = torch.cat([F.pad(t, (0, 0, width - t.shape[2], 0)) for t in tensors])
-        return joined.index_select(0, order)
+    def padded(n: int, kv: int) -> torch.Tensor:
+        """Layer n's keys (kv 0) or values (kv 1) of every row, in a buffer of width + room slots."""
+        like = parts[0].layers[n][kv]
+        out = like.new_empty((len(source), like.shape[1], width + room, like.shape[3]))
+        for i, (part, j) in enumerate(rows):
+            states = part.layers[n][kv][j]
+            pad = width - states.shape[1]
+            out[i, :, :pad] = 0  # masked out, but never garbage (0 x NaN would leak through)
+            out[i, :, pad:width] = states
+        return out
 
-    layers = [(padded([p.layers[n][0] for p in parts]), padded([p.layers[n][1] for p in parts]))
-              for n in range(len(parts[0].layers))]
-    mask = torch.cat([F.pad(p.mask, (width - p.mask.shape[1], 0)) for p in parts])[order.cpu()]
+    buffers = [(padded(n, 0), padded(n, 1)) for n in range(len(parts[0].layers))]
+    mask = torch.stack([F.pad(part.mask[j], (width - part.mask.shape[1], 0)) for part, j in rows])
     input_ids = torch.full((len(source), width + 1), pad_id, dtype=torch.long)
     for i, row in enumerate(ids):
         input_ids[i, width - len(row):width] = torch.tensor(row)
         input_ids[i, width] = first[i]
     mask = torch.cat([mask, torch.ones((len(source), 1), dtype=torch.long)], 1)
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-            "past_key_values": DynamicCache(layers, config=model_config)}
+            "past_key_values": SlabCache(buffers, width)}

@@ -152,7 +152,7 @@ def generate_grouped(model: Any, tokenizer: Any, ids: list[list[int]], eos_ids: 
         done = [streamer.finish[i] is not None for i in range(len(ids))]
         if len(first) == len(distinct) and params.max_new_tokens > 1 and not all(done):
             enc = join(parts, source, ids, [first[s] for s in source], tokenizer.pad_token_id,
-                       device, model.config)
+                       device, params.max_new_tokens - 1)
             _generate(model, tokenizer, enc, eos_ids, params, params.max_new_tokens - 1, row_kwargs,
                       streamer, _StopCriteria(cancel, torch.tensor(done, device=device)))
         else:

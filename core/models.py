@@ -316,8 +316,7 @@ class ModelHub:
             rows = rows if prefix else []
             if rows:
                 inputs = batch_inputs(prefix, head, [queries[i].input_ids[len(head):] for i in rows],
-                                      entry.tokenizer.pad_token_id, entry.device, entry.model.config,
-                                      full_ids=False)
+                                      entry.tokenizer.pad_token_id, entry.device, full_ids=False)
                 out = entry.model(**inputs, logits_to_keep=2,
                                   **self._adapter_kwargs(entry, [adapter] * len(rows))).logits
                 logits.update(zip(rows, out))
@@ -372,7 +371,8 @@ class ModelHub:
             prefix = self._prefix(entry, head, adapters[0])
             if prefix:
                 enc = batch_inputs(prefix, head, [row[len(head):] for row in ids],
-                                   tokenizer.pad_token_id, entry.device, entry.model.config, full_ids=True)
+                                   tokenizer.pad_token_id, entry.device, full_ids=True,
+                                   room=params.max_new_tokens - 1)
             # Sampled rows keep one generate call: the grouped path would draw their first
             # token apart from the rest, so a seed would not give the draws of the plain path.
             elif params.temperature == 0 and joinable(entry.model.config):

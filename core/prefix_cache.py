@@ -23,6 +23,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from core.kv_slab import SlabCache
+
 # One tensor pair (keys, values) per layer, batch 1: [1, kv_heads, P, head_dim].
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 PREFIXES_PER_MODEL = 4  # a few metrics x judges at once; 135M: ~6 MB per 135-token prefix
@@ -84,10 +86,11 @@ def prefill(model: Any, ids: list[int], device: torch.device, model_kwargs: dict
 
 
 def batch_inputs(prefix: KV, head: list[int], suffixes: list[list[int]], pad_id: int,
-                 device: torch.device, model_config: Any, full_ids: bool) -> dict[str, Any]:
+                 device: torch.device, full_ids: bool, room: int = 0) -> dict[str, Any]:
     """Inputs for a forward pass (full_ids False: the suffixes only, with position ids) or for
     `generate` (full_ids True: prefix ids in front, position ids left to generate) over the
-    left-padded suffixes, with the prefix states copied once per row."""
+    left-padded suffixes, with the prefix states copied once per row into a SlabCache that has
+    room for the suffixes and `room` more slots (generate's new tokens but its last)."""
     rows, width, p = len(suffixes), max(map(len, suffixes)), len(head)
     ids = torch.full((rows, width), pad_id, dtype=torch.long)
     mask = torch.zeros((rows, p + width), dtype=torch.long)
@@ -98,12 +101,19 @@ def batch_inputs(prefix: KV, head: list[int], suffixes: list[list[int]], pad_id:
         ids[row, start:] = torch.tensor(suffix)
         mask[row, p + start:] = 1
         positions[row, start:] = torch.arange(p, p + len(suffix))
-    # DynamicCache concatenates onto fresh tensors, so the stored prefix is never written to.
-    cache = DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in prefix],
-                         config=model_config)
+    # The stored prefix is copied into each row's buffer, never written to.
+    cache = SlabCache([(_with_room(k, rows, width + room), _with_room(v, rows, width + room))
+                       for k, v in prefix], p)
     inputs: dict[str, Any] = {"attention_mask": mask.to(device), "past_key_values": cache}
     if full_ids:
         inputs["input_ids"] = torch.cat([torch.tensor([head] * rows, dtype=torch.long), ids], 1).to(device)
     else:
         inputs.update(input_ids=ids.to(device), position_ids=positions.to(device), use_cache=True)
     return inputs
+
+
+def _with_room(states: torch.Tensor, rows: int, extra: int) -> torch.Tensor:
+    """A [rows, heads, P + extra, dim] buffer whose first P slots hold the [1, heads, P, dim] states."""
+    out = states.new_empty((rows, states.shape[1], states.shape[2] + extra, states.shape[3]))
+    out[:, :, :states.shape[2]] = states
+    return out

@@ -8,8 +8,10 @@ import threading
 import pytest
 import torch
 
-from core.batch_prefill import distinct_rows, joinable, length_groups
+from core.batch_prefill import distinct_rows, join, joinable, length_groups, prefill_group
 from core.generation import GenParams, generate_batch, generate_grouped
+from core.kv_slab import SlabLayer
+from core.prefix_cache import batch_inputs, prefill
 from core.systems import BASE
 
 VOCAB, PAD = 96, 0
@@ -110,6 +112,86 @@ def test_a_cancelled_batch_stops_after_its_first_group(model):
                            {"adapter_names": [BASE, BASE]}, lambda texts: cancel.set(), cancel,
                            torch.device("cpu"))
     assert [g.new_tokens for g in got] == [1, 0]
+
+
+def joined(model, ids, adapters, room):
+    """join's generate inputs for these rows, prefilled in two groups (short, long)."""
+    short = [i for i, row in enumerate(ids) if len(row) < 20]
+    parts = [prefill_group(model, ids, rows, PAD, torch.device("cpu"),
+                           {"adapter_names": [adapters[r] for r in rows]})
+             for rows in (short, [i for i in range(len(ids)) if i not in short])]
+    first = {r: int(t) for p in parts for r, t in zip(p.rows, p.logits.argmax(-1))}
+    return join(parts, list(range(len(ids))), ids, [first[i] for i in range(len(ids))], PAD,
+                torch.device("cpu"), room)
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_the_joined_cache_decodes_as_a_dynamic_cache_in_place(model, stop_early):
+    from transformers import DynamicCache
+
+    ids = prompts([4, 6, 35, 40], seed=4)
+    adapters = [BASE, "a1", BASE, "a2"]
+    steps = 7
+
+    def decode(eos, cache_of):
+        enc = joined(model, ids, adapters, steps)
+        enc["past_key_values"] = cache_of(enc["past_key_values"])
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=steps, do_sample=False, pad_token_id=PAD,
+                                 eos_token_id=eos, adapter_names=adapters, output_logits=True,
+                                 return_dict_in_generate=True)
+        return out, enc["past_key_values"]
+
+    eos = []
+    if stop_early:  # the short base row's third decoded token ends it; the others run on
+        eos = [int(decode([], lambda cache: cache)[0].sequences[0, 2 - steps])]
+    slab, cache = decode(eos, lambda cache: cache)
+    dynamic, _ = decode(eos, lambda cache: DynamicCache([(layer.keys, layer.values) for layer in cache.layers]))
+    assert torch.equal(slab.sequences, dynamic.sequences)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(slab.logits, dynamic.logits))
+    finished = (slab.sequences[:, -steps:] == eos[0]).any(1) if eos else torch.zeros(4, dtype=torch.bool)
+    assert finished.tolist() == [stop_early, False, False, False]
+    assert len(slab.logits) == steps  # a row still running: every step was taken
+    # The decode filled the buffers exactly (it writes the fed first token and steps - 1 decoded
+    # ones; the last decoded token is never fed back) and never fell back to concatenation.
+    width = max(map(len, ids))
+    for layer in cache.layers:
+        assert isinstance(layer, SlabLayer) and layer.in_place()
+        assert (layer.keys.shape[2], layer.capacity) == (width + steps, width + steps)
+
+
+def test_a_batch_on_a_cached_prefix_decodes_in_place_as_on_a_dynamic_cache(model):
+    from transformers import DynamicCache
+
+    head, suffixes, steps = prompts([12])[0], prompts([3, 9, 5], seed=5), 6
+    with torch.inference_mode():
+        prefix = prefill(model, head, torch.device("cpu"), {"adapter_names": [BASE]})
+        outs = []
+        for on_slab in (True, False):
+            enc = batch_inputs(prefix, head, suffixes, PAD, torch.device("cpu"), full_ids=True,
+                               room=steps - 1)
+            cache = enc["past_key_values"]
+            if not on_slab:
+                enc["past_key_values"] = DynamicCache([(layer.keys, layer.values) for layer in cache.layers])
+            outs.append(model.generate(**enc, max_new_tokens=steps, do_sample=False, pad_token_id=PAD,
+                                       adapter_names=[BASE] * 3, output_logits=True,
+                                       return_dict_in_generate=True))
+            if on_slab:
+                assert all(layer.in_place() and layer.keys.shape[2] == layer.capacity == 12 + 9 + steps - 1
+                           for layer in cache.layers)
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(outs[0].logits, outs[1].logits))
+
+
+def test_a_slab_layer_writes_in_place_and_falls_back_when_full():
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    layer = SlabLayer(keys.clone(), values.clone(), 2)
+    steps = [(torch.randn(2, 3, n, 4), torch.randn(2, 3, n, 4)) for n in (1, 2, 1)]
+    for n, (k, v) in enumerate(steps):
+        got_k, got_v = layer.update(k, v)
+        assert layer.in_place() == (n < 2)  # 2 + 1 + 2 slots fit; the last step overflows
+    assert torch.equal(got_k, torch.cat([keys[:, :, :2], *(k for k, _ in steps)], 2))
+    assert torch.equal(got_v, torch.cat([values[:, :, :2], *(v for _, v in steps)], 2))
 
 
 def test_only_plain_attention_caches_are_joined(model):
