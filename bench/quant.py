@@ -8,10 +8,16 @@
    datasets, seed 0, eval fraction 0.3), identical answers / total, fp16 (and fp16 with an fp32
    head) against fp32, the same batches on both;
 3. the judge: G-Eval logprobs scores (accuracy and completeness) by the same 135M judge in fp32 and
-   in fp16 on the same fp32 answers, mean and largest absolute difference.
+   in fp16 on the same fp32 answers, mean and largest absolute difference;
+4. the answers' quality: each variant's answers scored by the fp32 judge, mean score and the mean
+   paired difference to the fp32 answers' scores (identical answers add about 0).
+
+`--int8` adds the alternative that was dropped: torch's dynamic int8 quantization
+(torch.ao.quantization.quantize_dynamic, qint8 weights, activations quantized per call), in all
+three parts.
 
     .venv/bin/python -m bench.quant [--threads 1] [--new-tokens 64] [--repeats 3]
-                                    [--answer-tokens 48] [--rows 8]
+                                    [--answer-tokens 48] [--rows 8] [--int8]
 
 Targets (issue 12): fp16 decode nearer the memory bound (0.7 of it), answers and scores unchanged.
 """
@@ -22,7 +28,9 @@ import os
 import statistics
 import time
 
+import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from bench.generate import PROMPTS, copy_bandwidth, timed_rounds
 from bench.geval import STEPS
@@ -37,17 +45,23 @@ from core.models import ModelHub
 from core.threads import configure_threads
 from pipelines.compare import closed_book_messages
 
-FP32, FP16, HEAD32 = "fp32", "fp16", "fp16, LM head fp32"
+FP32, FP16, HEAD32, INT8 = "fp32", "fp16", "fp16, LM head fp32", "int8 dynamic"
 
 
-def hubs() -> dict[str, ModelHub]:
+def hubs(int8: bool) -> dict[str, ModelHub]:
     """One hub per variant, merging off (every call is its own batch)."""
     made = {FP32: ModelHub(batch_window_ms=0, quantization="none"),
             FP16: ModelHub(batch_window_ms=0, quantization="fp16"),
             HEAD32: ModelHub(batch_window_ms=0, quantization="none")}
+    if int8:
+        made[INT8] = ModelHub(batch_window_ms=0, quantization="none")
     for hub in made.values():
         hub.load(SMOLLM2)
     quant.quantize(made[HEAD32].load(SMOLLM2).model, skip=("lm_head",))
+    if int8:
+        from torch.ao.quantization import quantize_dynamic
+
+        quantize_dynamic(made[INT8].load(SMOLLM2).model, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return made
 
 
@@ -61,6 +75,9 @@ def step_bytes(model: nn.Module) -> int:
         if isinstance(module, quant.Fp16Linear):
             total += 2 * module.in_features * module.out_features
             seen.add(module.weight.data_ptr())
+            continue
+        if isinstance(module, DynamicLinear):  # int8: 1 byte per weight
+            total += module.in_features * module.out_features
             continue
         for param in module.parameters(recurse=False):
             if param.data_ptr() not in seen:
@@ -110,10 +127,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--answer-tokens", type=int, default=48, help="answer length in part 2")
     parser.add_argument("--rows", type=int, default=8, help="questions per batch in part 2")
+    parser.add_argument("--int8", action="store_true", help="add torch's dynamic int8 quantization")
     args = parser.parse_args()
     configure_threads(args.threads)
     load_average = os.getloadavg()[0]
-    made = hubs()
+    made = hubs(args.int8)
     models = {label: hub.load(SMOLLM2).model for label, hub in made.items()}
 
     speed = decode_speed(made, args.new_tokens, args.repeats)
@@ -128,7 +146,11 @@ def main() -> None:
         seconds[label] = (time.perf_counter() - wall, time.process_time() - cpu)
 
     items = [FormInput(e.question, e.answer, text) for e, text in zip(examples, texts[FP32])]
-    scores = {label: judge_scores(made[label], items) for label in (FP32, FP16)}
+    judged = [label for label in made if label != HEAD32]
+    scores = {label: judge_scores(made[label], items) for label in judged}
+    quality = {label: judge_scores(made[FP32], [FormInput(e.question, e.answer, text)
+                                                 for e, text in zip(examples, texts[label])])
+               for label in made if label != FP32}
 
     print(f"\nMODEL_QUANT bench · {SMOLLM2} · torch threads {args.threads} · load average at start "
           f"{load_average:.1f} on {os.cpu_count()} CPUs · copy bandwidth {bandwidth / 1e9:.1f} GB/s")
@@ -148,13 +170,27 @@ def main() -> None:
         agreement = "(the reference)" if label == FP32 else (
             f"identical to fp32: {same}/{len(questions)} ({same / len(questions):.0%})")
         print(f"{label:22} {agreement:32} {seconds[label][0]:.1f} s wall, {seconds[label][1]:.1f} s CPU")
-    print(f"3. G-Eval logprobs by the {SMOLLM2} judge on the {len(items)} fp32 answers, fp16 vs fp32 judge")
-    for metric, fp32_scores in scores[FP32].items():
-        diffs = [abs(a - b) for a, b in zip(fp32_scores, scores[FP16][metric])
-                 if a is not None and b is not None]
-        print(f"{metric:22} mean |diff| {statistics.mean(diffs):.4f}, max |diff| {max(diffs):.4f} "
-              f"(n={len(diffs)}; mean score fp32 {statistics.mean(a for a in fp32_scores if a is not None):.3f}, "
-              f"fp16 {statistics.mean(b for b in scores[FP16][metric] if b is not None):.3f})")
+    print(f"3. G-Eval logprobs by the {SMOLLM2} judge on the {len(items)} fp32 answers, against the fp32 judge")
+    for label in judged[1:]:
+        for metric, fp32_scores in scores[FP32].items():
+            pairs = paired(fp32_scores, scores[label][metric])
+            diffs = [abs(a - b) for a, b in pairs]
+            print(f"{label + ' judge, ' + metric:34} mean |diff| {statistics.mean(diffs):.4f}, max |diff| "
+                  f"{max(diffs):.4f} (n={len(diffs)}; mean score fp32 {statistics.mean(a for a, _ in pairs):.3f}, "
+                  f"{label} {statistics.mean(b for _, b in pairs):.3f})")
+    print("4. each variant's answers scored by the fp32 judge, against the fp32 answers' scores")
+    for label, by_metric in quality.items():
+        for metric, fp32_scores in scores[FP32].items():
+            pairs = paired(fp32_scores, by_metric[metric])
+            diffs = [b - a for a, b in pairs]
+            print(f"{label + ' answers, ' + metric:34} mean {statistics.mean(b for _, b in pairs):.3f} "
+                  f"(fp32 {statistics.mean(a for a, _ in pairs):.3f}), mean diff {statistics.mean(diffs):+.4f}, "
+                  f"mean |diff| {statistics.mean(abs(d) for d in diffs):.4f}, max |diff| "
+                  f"{max(abs(d) for d in diffs):.4f} (n={len(diffs)})")
+
+
+def paired(first: list[float | None], second: list[float | None]) -> list[tuple[float, float]]:
+    return [(a, b) for a, b in zip(first, second) if a is not None and b is not None]
 
 
 if __name__ == "__main__":
