@@ -3,7 +3,8 @@
 1. batch-1 decode speed: tokens/s by wall clock and by CPU seconds (this process), fp32, fp16
    and fp16 with the LM head left fp32 (what packing the head adds), the three taking turns in
    every round; each against the copy-bandwidth bound of bench.generate (bytes a decode step
-   reads: every Linear weight, the tied LM head once, the norms);
+   reads: every Linear weight, the tied LM head once, the norms), by wall clock, since the copy
+   is timed by wall clock;
 2. greedy agreement: closed-book answers to the eval questions of the shipped samples (all three
    datasets, seed 0, eval fraction 0.3), identical answers / total, fp16 (and fp16 with an fp32
    head) against fp32, the same batches on both;
@@ -156,13 +157,13 @@ def main() -> None:
           f"{load_average:.1f} on {os.cpu_count()} CPUs · copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"1. batch-1 decode, {args.new_tokens} new tokens, median of {args.repeats} rounds")
     print(f"{'model':22} {'tok/s wall':>10} {'tok/s CPU':>10} {'vs fp32 (CPU)':>14} {'MB/step':>8} "
-          f"{'bound tok/s':>11} {'of bound (CPU)':>15}")
+          f"{'bound tok/s':>11} {'of bound':>8}")
     for label, s in speed.items():
         read = step_bytes(models[label])
         bound = bandwidth / read
         print(f"{label:22} {s['wall']:10.1f} {s['cpu']:10.1f} "
               f"{s['wall'] / speed[FP32]['wall']:6.2f}x ({s['cpu'] / speed[FP32]['cpu']:4.2f}x) "
-              f"{read / 1e6:8.0f} {bound:11.1f} {s['wall'] / bound:6.2f} ({s['cpu'] / bound:.2f})")
+              f"{read / 1e6:8.0f} {bound:11.1f} {s['wall'] / bound:8.2f}")
     print(f"2. greedy closed-book answers, {len(questions)} eval questions of "
           f"{', '.join(PRESETS)}, {args.answer_tokens} new tokens, {args.rows} per batch")
     for label in made:
