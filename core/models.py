@@ -10,7 +10,8 @@ greedy generate/stream requests of different callers (visitors) are merged the s
 arrive within BATCH_WINDOW_MS of each other, or while a batch runs, share the next batch
 (core/batcher.py; each caller sees only its own rows, and a cancel drops only its own request).
 Rows of one batch with different adapters add their LoRA terms by gathered batched matmuls
-(core/mixed_lora.py) instead of peft's loop over the adapters in every layer.
+(core/mixed_lora.py) instead of peft's loop over the adapters in every layer. With MODEL_QUANT=fp16
+a base model loaded on CPU gets packed fp16 Linear layers (core/quant.py) before any adapter.
 
 Memory cap: at most MAX_LOADED_MODELS base models stay loaded; loading one more evicts the least
 recently used (every call touches its model). A model mid-call holds its lock and is never evicted:
