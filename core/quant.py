@@ -12,7 +12,8 @@ README "Benchmarks" has the speed and the answers it changes; int8 was measured 
 matrix cannot be read back, so the layer also keeps its weight as a plain fp16 tensor (`weight`,
 never used for the matmul): peft reads a base layer's weight for its shape, device and dtype, and
 `compute_dtype` (the bitsandbytes convention peft follows) tells it to keep the LoRA matrices fp32.
-Memory is therefore what float32 took (2 + 2 bytes per weight); a decode step reads half of it.
+Memory is therefore about what float32 took (2 + 2 bytes per weight, plus a tied LM head now held
+apart from its fp32 embedding); a decode step reads half of it.
 The order is fixed: a model is quantized when ModelHub loads it, before any adapter is attached
 (`quantize` refuses a peft model), and adapters attach to the quantized layers afterwards.
 
