@@ -6,7 +6,7 @@ import os
 
 import gradio as gr
 
-from core import config, persistence
+from core import config, persistence, quant
 from core.persistence import Persistence
 from core.threads import configure_threads
 from jobs.services import Services, build_services
@@ -59,6 +59,10 @@ def configure_logging() -> None:
 
 if __name__ == "__main__":
     configure_logging()
+    try:
+        quant.mode()  # checked before anything loads: a bad MODEL_QUANT is one line, not a traceback
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     logging.getLogger(__name__).info("starting (public mode: %s)", config.PUBLIC_MODE)
     # PERSIST_REPO: restore an empty data dir before the store opens it, then upload on schedule.
     storage = persistence.restore_at_start()

@@ -10,7 +10,8 @@ greedy generate/stream requests of different callers (visitors) are merged the s
 arrive within BATCH_WINDOW_MS of each other, or while a batch runs, share the next batch
 (core/batcher.py; each caller sees only its own rows, and a cancel drops only its own request).
 Rows of one batch with different adapters add their LoRA terms by gathered batched matmuls
-(core/mixed_lora.py) instead of peft's loop over the adapters in every layer.
+(core/mixed_lora.py) instead of peft's loop over the adapters in every layer. With MODEL_QUANT=fp16
+a base model loaded on CPU gets packed fp16 Linear layers (core/quant.py) before any adapter.
 
 Memory cap: at most MAX_LOADED_MODELS base models stay loaded; loading one more evicts the least
 recently used (every call touches its model). A model mid-call holds its lock and is never evicted:
@@ -34,7 +35,7 @@ from typing import Any, Callable
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from core import config
+from core import config, quant
 from core.batch_prefill import joinable
 from core.batcher import Batcher
 from core.gpu import zero_gpu
@@ -63,6 +64,7 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
     adapters: dict[str, tuple] = field(default_factory=dict)  # name -> fingerprint of its files
     eos_ids: list[int] = field(default_factory=list)
+    quantization: str = "none"  # what core.quant applied to the base model's weights
     prefixes: PrefixCache = field(default_factory=PrefixCache)  # shared prompt prefixes' states
 
 
@@ -86,7 +88,7 @@ def _check_generative(ref: str, path: str) -> None:
                                     "language-model head).")
 
 
-def _load_model(resolved: ResolvedModel) -> LoadedModel:
+def _load_model(resolved: ResolvedModel, quantization: str = "none") -> LoadedModel:
     path = load_path(resolved)
     device = _device()
     # float32 on CPU: bf16 matmuls are many times slower there (STACK.md).
@@ -116,10 +118,11 @@ def _load_model(resolved: ResolvedModel) -> LoadedModel:
             raise UnsupportedModelError(f"Model '{resolved.ref}' has no end-of-sequence token.")
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
+    applied = quant.apply(model, quantization, device, resolved.ref)  # before any adapter
     eos = model.generation_config.eos_token_id
     eos_ids = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []),
                       tokenizer.eos_token_id} - {None})
-    return LoadedModel(resolved, model, tokenizer, device, eos_ids=eos_ids)
+    return LoadedModel(resolved, model, tokenizer, device, eos_ids=eos_ids, quantization=applied)
 
 
 def _attach(entry: LoadedModel, folder: Path, name: str) -> None:
@@ -143,8 +146,11 @@ class ModelHub:
     """One copy of each base model per process, shared by all threads (see module docstring)."""
 
     def __init__(self, max_loaded: int | None = None, batch_window_ms: float | None = None,
-                 batch_max_rows: int | None = None) -> None:
+                 batch_max_rows: int | None = None, quantization: str | None = None) -> None:
         self._max_loaded = max_loaded or config.MAX_LOADED_MODELS
+        # Base models' weights on CPU (core.quant): MODEL_QUANT unless given; checked here, once.
+        self._quantization = quant.mode() if quantization is None else quant.mode(
+            {"MODEL_QUANT": quantization})
         window = config.BATCH_WINDOW_MS if batch_window_ms is None else batch_window_ms
         # 0: every request is its own batch. Always so on ZeroGPU: a GPU exists only inside GPU
         # tasks (core.gpu), and a task's forked worker would wait on a merger thread it lacks.
@@ -168,7 +174,7 @@ class ModelHub:
                 self._make_room()
                 configure_threads()  # once per process, before the first model runs
                 logger.info("loading model %s", ref)
-                entry = _load_model(resolved)
+                entry = _load_model(resolved, self._quantization)
                 with self._lock:
                     self._models[resolved.path] = entry
         return entry
