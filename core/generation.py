@@ -1,7 +1,8 @@
 """One batch of prompts answered together, streamed: prompts and their chat text, decoding
 parameters, per-row timings, cancellation, and the iterator that hands growing texts to another
 thread. generate_grouped prefills similar-length prompts apart (no padding waste, short prompts'
-first tokens early) and decodes all rows in one `generate` call; generate_batch runs one padded
+first tokens early) and decodes all rows together, greedy rows leaving the batch as they finish
+(core.greedy_decode; sampled rows in one `generate` call); generate_batch runs one padded
 `generate` call (for models whose caches cannot be joined, and for batches on a cached prefix).
 
 It knows nothing about which model or adapters run: ModelHub (core.models) picks those and holds
@@ -23,6 +24,7 @@ from transformers import (StoppingCriteria, StoppingCriteriaList, TemperatureLog
 from transformers.generation.streamers import BaseStreamer
 
 from core.batch_prefill import distinct_rows, join, length_groups, prefill_group
+from core.greedy_decode import decode, plain_greedy
 
 Message = dict[str, str]
 Prompt = Union[str, list[Message]]
@@ -153,8 +155,13 @@ def generate_grouped(model: Any, tokenizer: Any, ids: list[list[int]], eos_ids: 
         if len(first) == len(distinct) and params.max_new_tokens > 1 and not all(done):
             enc = join(parts, source, ids, [first[s] for s in source], tokenizer.pad_token_id,
                        device, params.max_new_tokens - 1)
-            _generate(model, tokenizer, enc, eos_ids, params, params.max_new_tokens - 1, row_kwargs,
-                      streamer, _StopCriteria(cancel, torch.tensor(done, device=device)))
+            if params.temperature == 0 and plain_greedy(model):
+                decode(model, enc, params.max_new_tokens - 1, row_kwargs, streamer.add,
+                       lambda row: streamer.finish[row] is not None, cancel)
+                streamer.end()
+            else:
+                _generate(model, tokenizer, enc, eos_ids, params, params.max_new_tokens - 1,
+                          row_kwargs, streamer, _StopCriteria(cancel, torch.tensor(done, device=device)))
         else:
             streamer.end()
     return _generations(streamer, [len(row) for row in ids])
@@ -198,7 +205,6 @@ class _BatchStreamer(BaseStreamer):
         now = time.perf_counter() - self.start
         for row, token in tokens.items():
             if self.finish[row] is not None:
-                continue  # finished rows receive padding
                 continue  # finished rows receive padding
             if self.first[row] is None:
                 self.first[row] = now

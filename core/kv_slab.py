@@ -11,8 +11,11 @@ masks a DynamicLayer would give (SDPA reads the strided views as they are), so g
 not change. transformers' StaticCache pre-allocates too, but attends over all of its slots and
 builds its masks for them; here nothing downstream of the layer sees a difference.
 
-A step that would overflow the buffer, or a layer whose states were replaced by something else
-(crop, batch selection, beam reordering), falls back to DynamicLayer's concatenation.
+Rows leaving the batch (`batch_select_indices` with ascending indices, as core.greedy_decode
+drops finished rows) are compacted in place: each kept row's filled slots move down to its new
+index, the buffers' room stays. A step that would overflow the buffer, or a layer whose states
+were replaced by something else (crop, reordering, beam search), falls back to DynamicLayer's
+concatenation.
 """
 from __future__ import annotations
 
@@ -40,6 +43,18 @@ class SlabLayer(DynamicLayer):
         self._values[:, :, start:end] = value_states
         self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
         return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        order = indices.tolist()
+        if not self.in_place() or order != sorted(set(order)):
+            return super().batch_select_indices(indices)
+        end = self.keys.shape[2]
+        for buffer in (self._keys, self._values):
+            for new, old in enumerate(order):  # new <= old: a row is read before it is overwritten
+                if new != old:
+                    buffer[new, :, :end] = buffer[old, :, :end]
+        self._keys, self._values = self._keys[:len(order)], self._values[:len(order)]
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
 
     @property
     def capacity(self) -> int:

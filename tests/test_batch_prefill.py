@@ -28,6 +28,11 @@ class Tokens:
 
 @pytest.fixture(scope="module")
 def model():
+    return tiny_lora_llama()
+
+
+def tiny_lora_llama():
+    """A 2-layer random Llama with two random LoRA adapters, a1 and a2."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
