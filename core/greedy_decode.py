@@ -9,9 +9,10 @@ where the answers needed 133, and batching saved nothing over four runs one afte
 rows per step: the same input token, 2D attention mask, position ids (cumsum of the mask - 1,
 then one more per step), cache and per-row model kwargs (peft's adapter_names), and the argmax
 of the float32 logits. When rows end (an eos id), they are dropped from the cache, the mask, the
-positions and the kwargs before the next step; the cache compacts its live rows in place
-(core.kv_slab), a copy of the rows after the first dead one, about a tenth of a decode step for
-the 2x2's 600-slot rows, so every finished row leaves at once.
+positions and the kwargs before the next step. The cache compacts its live rows in place
+(core.kv_slab), copying only the rows after the first dead one: at most ~10 ms for the 2x2 (3
+rows of 600 slots, 30 layers, one thread) against ~140 ms for a 4-row decode step, so every
+finished row leaves at once rather than waiting for company.
 
 Only plain argmax is identical to `generate` here: `plain_greedy` says whether the model's
 generation config adds logits processors (a repetition penalty, say) to greedy decoding; such
