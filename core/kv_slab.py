@@ -6,9 +6,8 @@ and fills a new tensor holding the whole cache: for the Compare tab's joined 2x2
 ~5% of a 4-row decode step on the 135M model, growing with rows x cached length). A SlabLayer
 holds its states in one buffer with room for every slot the decode will need (prompt width + new
 tokens), writes each step's states into the next free slots in place, and hands attention views
-of the filled part: the same values, shapes and
-masks a DynamicLayer would give (SDPA reads the strided views as they are), so greedy outputs do
-not change. transformers' StaticCache pre-allocates too, but attends over all of its slots and
+of the filled part: the same values, shapes and masks a DynamicLayer would give (SDPA reads the
+strided views as they are), so greedy outputs do not change. transformers' StaticCache pre-allocates too, but attends over all of its slots and
 builds its masks for them; here nothing downstream of the layer sees a difference.
 
 Rows leaving the batch (`batch_select_indices` with ascending indices, as core.greedy_decode
@@ -63,8 +62,9 @@ class SlabLayer(DynamicLayer):
     def in_place(self) -> bool:
         """Whether keys/values are still views of the buffers (no fallback or other method
         replaced them, reset did not drop them)."""
-        return self.keys is not None and all(view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride()
-                   for view, buffer in ((self.keys, self._keys), (self.values, self._values)))
+        pairs = ((self.keys, self._keys), (self.values, self._values))
+        return self.keys is not None and all(
+            view.data_ptr() == buffer.data_ptr() and view.stride() == buffer.stride() for view, buffer in pairs)
 
 
 class SlabCache(DynamicCache):
